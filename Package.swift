@@ -1,0 +1,40 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .enableUpcomingFeature("MemberImportVisibility"),
+]
+
+let package = Package(
+    name: "Dataplane",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "Aio", targets: ["Aio"]),
+        .library(name: "Uring", targets: ["Uring"]),
+        .executable(name: "dataplane", targets: ["dataplane"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // liburing, from Debian's liburing-dev. Only `Uring` imports it.
+        .systemLibrary(
+            name: "CLiburing",
+            path: "CLiburing",
+            pkgConfig: "liburing",
+            providers: [.apt(["liburing-dev"])]
+        ),
+        .target(name: "Uring", dependencies: ["CLiburing"], swiftSettings: strict),
+        // System calls Glibc does not import (gettid, epoll_pwait2, thread names).
+        .target(name: "CShims"),
+        .target(name: "Aio", dependencies: ["Uring", "CShims"], swiftSettings: strict),
+        .executableTarget(
+            name: "dataplane",
+            dependencies: ["Aio", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strict
+        ),
+        .testTarget(name: "UringTests", dependencies: ["Uring"], swiftSettings: strict),
+        .testTarget(name: "AioTests", dependencies: ["Aio", "Uring"], swiftSettings: strict),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,280 @@
+import Synchronization
+// One loop iteration (QEMU aio_poll, try_poll_mode, run_poll_handlers, aio_dispatch_handler).
+extension AioContext {
+    /// Runs one iteration of the loop: optionally busy-polls, waits for events (only if
+    /// `blocking` and nothing is ready), then dispatches, in this order, completed I/O,
+    /// bottom halves, ready fd handlers and expired timers. Home thread only; may be called
+    /// from inside a callback (a nested iteration).
+    ///
+    /// - Returns: whether progress was made, as QEMU defines it: a non-idle BH, an fd or
+    ///   poll handler other than the context's own notifier, a completion or a timer ran.
+    ///   A bare ``notify()`` is not progress.
+    @discardableResult
+    public func poll(blocking: Bool) -> Bool {
+        assertOnHomeThread("poll(blocking:)")
+        statistics._iterations.bump()
+        depth += 1
+        defer { depth -= 1 }
+        applyPendingChanges()
+        if pollParametersChanged.load(ordering: .acquiring) {
+            pollParametersChanged.store(false, ordering: .relaxed)
+            for case let h? in handlerSlots { h.pollNs = 0 }
+        }
+        let params = pollParameters
+        var progress = false
+        let start: Int64 = params.maxNs != 0 ? monotonicNanoseconds() : 0
+        var timeout: Int64 = blocking ? computeTimeout() : 0
+
+        if params.maxNs != 0 || pollStarted {
+            progress = tryPollMode(&timeout) || progress
+        }
+
+        // Consumer half of the Dekker pair with notify(): announce that we may block, then
+        // look at `notified`. Both seq_cst: either we see a producer's flag and do not block,
+        // or the producer sees our announcement and writes the eventfd.
+        let announced = timeout != 0
+        if announced {
+            notifyMe.add(2, ordering: .sequentiallyConsistent)
+            if notified.load(ordering: .sequentiallyConsistent) { timeout = 0 }
+        }
+        if timeout != 0 || monitor.needsWait {
+            if timeout != 0 && pollSetStarted(false) {
+                // The final poll after poll-end found work that raced with re-enabling
+                // notifications.
+                timeout = 0
+                progress = true
+            }
+            if timeout != 0 {
+                let t0 = monotonicNanoseconds()
+                statistics._blockingWaits.bump()
+                monitor.wait(timeout: timeout)
+                statistics._blockedNanoseconds.bump(UInt64(max(0, monotonicNanoseconds() - t0)))
+            } else {
+                monitor.wait(timeout: 0)
+            }
+        }
+        if announced {
+            // Release: finish the wait before withdrawing the announcement.
+            notifyMe.subtract(2, ordering: .releasing)
+        }
+        notifyAccept()
+
+        let blockNs: Int64 = params.maxNs != 0 ? monotonicNanoseconds() - start : 0
+        progress = dispatchCompletions() || progress
+        progress = runBottomHalves() || progress
+        // Completions a BH handed over (the epoll backend's worker pool) run now, not a
+        // whole iteration later.
+        progress = dispatchCompletions() || progress
+        progress = dispatchReadyHandlers(blockNs: blockNs, params) || progress
+        progress = runTimers() || progress
+        return progress
+    }
+
+    /// The timeout of a blocking wait in ns (-1: infinite): 0 with work already queued, else
+    /// the sooner of the BH part and the next timer (QEMU `aio_compute_timeout`).
+    func computeTimeout() -> Int64 {
+        if readyRequestsHead < readyRequests.count || readyHead < readyHandlers.count { return 0 }
+        let bh = bottomHalfTimeout()
+        if bh == 0 { return 0 }
+        let timers = timerTimeout()
+        if timers == 0 { return 0 }
+        return soonest(bh, timers)
+    }
+
+    // MARK: - Adaptive polling
+
+    /// QEMU `try_poll_mode`: busy-poll for up to the longest window of the handlers in the
+    /// poll list, capped by the timeout.
+    func tryPollMode(_ timeout: inout Int64) -> Bool {
+        guard !pollHandlers.isEmpty else { return false }
+        var maxNs: Int64 = 0
+        for h in pollHandlers where h.pollNs > maxNs { maxNs = h.pollNs }
+        maxNs = soonest(timeout, maxNs)
+        guard maxNs > 0 else { return false }
+        // Better than QEMU: queued SQEs (re-armed polls, new requests) go to the kernel now
+        // instead of disabling polling for this iteration; only ready CQEs stop it.
+        monitor.prepareForPolling()
+        guard !monitor.eventsReady else { return false }
+        _ = pollSetStarted(true)
+        return runPollHandlers(maxNs: maxNs, &timeout)
+    }
+
+    func runPollHandlers(maxNs initialMax: Int64, _ timeout: inout Int64) -> Bool {
+        var progress = false
+        var maxNs = initialMax
+        let start = monotonicNanoseconds()
+        var now = start
+        var elapsed: Int64 = 0
+        repeat {
+            progress = runPollHandlersOnce(now: now, &timeout) || progress
+            now = monotonicNanoseconds()
+            elapsed = now - start
+            maxNs = soonest(timeout, maxNs)
+            if monitor.eventsReady {
+                // io_uring: a CQE is waiting; stop polling but stay in poll mode.
+                if monitor.supportsUserspacePolling { timeout = 0 }
+                break
+            }
+        } while elapsed < maxNs
+        if removeIdlePollHandlers(now: now, &timeout) { progress = true }
+        statistics._pollNanoseconds.bump(UInt64(max(0, elapsed)))
+        if timeout == 0 { statistics._pollHits.bump() } else { statistics._pollMisses.bump() }
+        if timeout != -1 { timeout -= min(timeout, elapsed) }
+        return progress
+    }
+
+    func runPollHandlersOnce(now: Int64, _ timeout: inout Int64) -> Bool {
+        var progress = false
+        var i = 0
+        while i < pollHandlers.count {
+            let h = pollHandlers[i]
+            i += 1
+            guard !h.deleted else { continue }
+            let ready = h.role == .contextNotifier
+                ? notified.load(ordering: .relaxed) : h.callbacks.poll!()
+            if ready {
+                markPollReady(h)
+                timeout = 0
+                h.pollIdleTimeout = now + AdaptivePolling.idleIntervalNs
+                if h.role != .contextNotifier { progress = true }
+            }
+        }
+        return progress
+    }
+
+    /// QEMU `remove_idle_poll_handlers`: with a backend that sees readiness from user space,
+    /// a handler whose poll found nothing for 7 s leaves the poll list.
+    func removeIdlePollHandlers(now: Int64, _ timeout: inout Int64) -> Bool {
+        guard monitor.supportsUserspacePolling else { return false }
+        var progress = false
+        var i = 0
+        while i < pollHandlers.count {
+            let h = pollHandlers[i]
+            if h.pollIdleTimeout == 0 {
+                h.pollIdleTimeout = now + AdaptivePolling.idleIntervalNs
+            } else if now >= h.pollIdleTimeout {
+                h.pollIdleTimeout = 0
+                pollHandlers.remove(at: i)
+                h.inPollList = false
+                if pollStarted {
+                    h.callbacks.pollEnd?()
+                    if pollOnce(h) {
+                        markPollReady(h)
+                        if h.role != .contextNotifier { progress = true }
+                        timeout = 0
+                    }
+                }
+                continue
+            }
+            i += 1
+        }
+        return progress
+    }
+
+    @inline(__always)
+    func pollOnce(_ h: FdHandler) -> Bool {
+        h.role == .contextNotifier ? notified.load(ordering: .relaxed) : (h.callbacks.poll?() ?? false)
+    }
+
+    /// QEMU `poll_set_started`: calls poll-begin or poll-end on the handlers in the poll
+    /// list. When stopping, polls each once more ("in case poll-end raced with the event");
+    /// returns whether that found work.
+    func pollSetStarted(_ started: Bool) -> Bool {
+        guard started != pollStarted else { return false }
+        pollStarted = started
+        var progress = false
+        var i = 0
+        while i < pollHandlers.count {
+            let h = pollHandlers[i]
+            i += 1
+            guard !h.deleted else { continue }
+            if started {
+                h.callbacks.pollBegin?()
+            } else {
+                h.callbacks.pollEnd?()
+                if pollOnce(h) {
+                    markPollReady(h)
+                    if h.role != .contextNotifier { progress = true }
+                }
+            }
+        }
+        return progress
+    }
+
+    // MARK: - Dispatch
+
+    func dispatchReadyHandlers(blockNs: Int64, _ params: PollParameters) -> Bool {
+        var progress = false
+        while readyHead < readyHandlers.count {
+            let h = readyHandlers[readyHead]
+            readyHead += 1
+            progress = dispatch(h) || progress
+            if params.maxNs != 0 && h.inPollList && !h.deleted {
+                h.pollNs = AdaptivePolling.adjust(current: h.pollNs, blockNs: blockNs, params)
+            }
+        }
+        if readyHead == readyHandlers.count && readyHead > 0 {
+            readyHandlers.removeAll(keepingCapacity: true)
+            readyHead = 0
+        }
+        return progress
+    }
+
+    /// QEMU `aio_dispatch_handler`.
+    func dispatch(_ h: FdHandler) -> Bool {
+        let revents = h.revents
+        let pollReady = h.pollReadyFlag
+        h.revents = 0
+        h.pollReadyFlag = false
+        h.onReadyList = false
+        guard !h.deleted else { return false }
+
+        // A handler that fired joins the poll list: activity is likely to continue.
+        if !h.inPollList && h.callbacks.poll != nil {
+            h.inPollList = true
+            pollHandlers.append(h)
+            if pollStarted { h.callbacks.pollBegin?() }
+        }
+
+        if pollReady && revents == 0, let ready = h.callbacks.pollReady {
+            if h.role == .contextNotifier { return false }
+            // Out of the poll list while it runs, so a nested poll does not re-enter it
+            // before it cleared its condition (QEMU test-nested-aio-poll).
+            let wasInList = h.inPollList
+            if wasInList { removeFromPollList(h) }
+            statistics._handlerDispatches.bump()
+            ready()
+            if wasInList && !h.inPollList && !h.deleted {
+                h.inPollList = true
+                pollHandlers.append(h)
+            }
+            return true
+        }
+
+        var progress = false
+        if revents & (0x001 | 0x010 | 0x008) != 0 {  // IN | HUP | ERR
+            switch h.role {
+            case .contextNotifier:
+                if notifier.testAndClear() { statistics._notifierWakeups.bump() }
+            case .eventNotifier:
+                if h.notifier!.testAndClear(), let read = h.callbacks.read {
+                    statistics._handlerDispatches.bump()
+                    read()
+                    progress = true
+                }
+            case .fd:
+                if let read = h.callbacks.read {
+                    statistics._handlerDispatches.bump()
+                    read()
+                    progress = true
+                }
+            }
+        }
+        if revents & (0x004 | 0x008) != 0, !h.deleted, let write = h.callbacks.write {  // OUT | ERR
+            statistics._handlerDispatches.bump()
+            write()
+            progress = true
+        }
+        return progress
+    }
+}

@@ -1,0 +1,413 @@
+// AioContext: one event loop, QEMU's AioContext semantics on io_uring (or epoll).
+//
+// Design note. A context has one home thread: the thread that created it. Only that thread
+// runs `poll(blocking:)`, dispatches callbacks and touches the ring; nested `poll` calls
+// from callbacks are allowed. Other threads talk to it through the thread-safe entry points
+// only: `notify`, bottom halves, timers, fd-handler registration (queued and applied by the
+// home thread at the start of its next iteration) and `stop`-style BHs built on those.
+//
+// Cross-thread wake-up is QEMU's notify_me / notified protocol (a Dekker pair, see
+// `notify()` and `poll(blocking:)`): a producer writes the eventfd only when the loop has
+// announced it may block, and — better than QEMU — only the first producer after the loop
+// accepted the last notification does (so a burst of schedules to a sleeping loop costs
+// one eventfd write).
+import CShims
+import Glibc
+import Synchronization
+import Uring
+
+/// A request for completion I/O on a context's ring (QEMU's `aio_add_sqe`).
+///
+/// Buffers are the caller's: they must stay valid, and not be touched, until the
+/// completion callback runs.
+public enum IORequest {
+    case nop
+    case read(fd: Int32, buffer: UnsafeMutableRawBufferPointer, offset: UInt64)
+    case write(fd: Int32, buffer: UnsafeRawBufferPointer, offset: UInt64)
+    case fsync(fd: Int32, dataOnly: Bool)
+    /// Completes with `-ETIME` after the given number of nanoseconds.
+    case timeout(nanoseconds: Int64)
+}
+
+/// One event loop with QEMU's AioContext semantics: bottom halves, fd handlers and event
+/// notifiers, timers, completion I/O and adaptive polling, on io_uring or epoll.
+///
+/// `@unchecked Sendable`: the thread-safe entry points touch only atomics (`notifyMe`,
+/// `notified`, `bhList`, the statistics, the poll parameters) or state behind a `Mutex`
+/// (`timerHeaps`, `pendingChanges`, `liveBottomHalves`); every other stored property is
+/// confined to the home thread, which each home-thread entry point checks.
+public final class AioContext: @unchecked Sendable {
+    /// How to choose the fd-monitoring backend.
+    public enum Backend: Sendable, Equatable {
+        /// io_uring unless the kernel refuses it, or `DATAPLANE_FDMON=epoll` is set.
+        case automatic
+        /// io_uring or fail with ``AioError/Code/ioUringUnavailable``.
+        case ioUring
+        /// epoll.
+        case epoll
+    }
+
+    /// The backend this context runs on.
+    public var backendKind: FDMonitorKind { monitor.kind }
+    /// Why io_uring is not used, when ``backendKind`` is epoll.
+    public private(set) var fallbackReason: String? = nil
+    /// Counters, readable from any thread.
+    public let statistics = AioStatistics()
+
+    let homeThread: pthread_t
+    // Home-thread state (see the class comment).
+    var monitor: FDMonitor!
+    let notifier: EventNotifier
+    var notifierHandler: FdHandler!
+    var handlersByFd: [Int32: FdHandler] = [:]
+    var handlerSlots: ContiguousArray<FdHandler?> = []
+    var freeHandlerSlots: [Int] = []
+    var generation: UInt32 = 0
+    var readyHandlers: ContiguousArray<FdHandler> = []
+    var readyHead = 0
+    var pollHandlers: ContiguousArray<FdHandler> = []
+    var pollStarted = false
+    /// Handlers without a poll callback (QEMU `poll_disable_cnt`).
+    var pollDisableCount = 0
+    var bhSlices: [Unmanaged<BottomHalf>?] = []
+    var requestSlots: ContiguousArray<RequestSlot> = []
+    var freeRequestSlots: [Int] = []
+    var readyRequests: ContiguousArray<(UInt64, Int32)> = []
+    var readyRequestsHead = 0
+    var inFlightRequests = 0
+    var depth = 0
+
+    // Cross-thread state.
+    /// QEMU `notify_me`: 2 × the number of `poll` calls in their "may block" phase. Written
+    /// by the home thread only.
+    let notifyMe = Atomic<UInt32>(0)
+    /// QEMU `notified`: set by `notify`, cleared by the loop before it looks for work.
+    let notified = Atomic<Bool>(false)
+    /// The lock-free list of scheduled bottom halves (newest first).
+    let bhList = Atomic<Unmanaged<BottomHalf>?>(nil)
+    let timerHeaps = Mutex(TimerHeaps())
+    let pendingChanges = Mutex<[(Int32, FdHandler?)]>([])
+    let hasPendingChanges = Atomic<Bool>(false)
+    let liveBottomHalves = Mutex<[ObjectIdentifier: String]>([:])
+    let pollMaxNs = Atomic<Int64>(0)
+    let pollGrow = Atomic<Int64>(0)
+    let pollShrink = Atomic<Int64>(0)
+    let pollParametersChanged = Atomic<Bool>(false)
+
+    struct RequestSlot {
+        var generation: UInt32 = 0
+        var completion: ((Int32) -> Void)?
+    }
+
+    /// Creates a context whose home thread is the calling thread.
+    /// - Parameter backend: which fd-monitoring backend to use.
+    /// - Throws: ``AioError`` when the kernel has no descriptors or memory for the eventfd,
+    ///   the ring or the epoll instance, or io_uring was required and refused.
+    public init(backend: Backend = .automatic) throws(AioError) {
+        homeThread = pthread_self()
+        notifier = try EventNotifier()
+        var choice = backend
+        if choice == .automatic, let env = getenv("DATAPLANE_FDMON"), String(cString: env) == "epoll" {
+            choice = .epoll
+        }
+        var reason: String? = nil
+        var monitor: FDMonitor? = nil
+        if choice != .epoll {
+            do {
+                monitor = try IOUringMonitor(context: self)
+            } catch {
+                let why = UringProbe.explain(errno: error.errno)
+                if choice == .ioUring {
+                    throw AioError(code: .ioUringUnavailable, errno: error.errno, message: why)
+                }
+                reason = why
+            }
+        } else {
+            reason = backend == .epoll ? "epoll requested" : "DATAPLANE_FDMON=epoll"
+        }
+        if monitor == nil { monitor = try EpollMonitor(context: self) }
+        self.monitor = monitor
+        self.fallbackReason = reason
+        // The context's own notifier: its read clears the eventfd, its poll reads `notified`;
+        // neither counts as progress. Unlike QEMU it is in the poll list from the start, so a
+        // BH scheduled during a poll window is seen at once, with no system call.
+        let n = FdHandler(
+            fd: notifier.fileDescriptor, role: .contextNotifier,
+            callbacks: FdHandlerCallbacks(poll: { false }, pollReady: {}), notifier: notifier)
+        notifierHandler = n
+        install(n)
+        n.inPollList = true
+        pollHandlers.append(n)
+    }
+
+    deinit {
+        let leaked = liveBottomHalves.withLock { $0 }
+        precondition(
+            leaked.isEmpty,
+            "BUG DETECTED: bottom half '\(leaked.values.sorted().first ?? "?")' leaked: delete every bottom half before its AioContext goes away (\(leaked.count) left)")
+        (monitor as? EpollMonitor)?.shutdown()
+        // Drop BHs still linked (one-shots never run, deleted ones): release the list's +1.
+        var node = bhList.exchange(nil, ordering: .acquiring)
+        while let n = node {
+            node = n._withUnsafeGuaranteedRef { $0.next }
+            n.release()
+        }
+        for slice in bhSlices {
+            var node = slice
+            while let n = node {
+                node = n._withUnsafeGuaranteedRef { $0.next }
+                n.release()
+            }
+        }
+    }
+
+    // MARK: - Threads
+
+    /// Whether the calling thread is this context's home thread.
+    public var isOnHomeThread: Bool { pthread_equal(pthread_self(), homeThread) != 0 }
+
+    @inline(__always)
+    func assertOnHomeThread(_ what: StaticString) {
+        precondition(isOnHomeThread, "BUG DETECTED: AioContext.\(what) called off the context's home thread")
+    }
+
+    // MARK: - Notify (QEMU aio_notify / aio_notify_accept)
+
+    /// Wakes the loop if it sleeps, or makes its next wait non-blocking. Thread-safe; makes
+    /// no system call unless the loop announced that it may block.
+    public func notify() {
+        // Producer half of the Dekker pair. The seq_cst exchange orders the caller's earlier
+        // writes (e.g. a BH push) before it and is ordered before the load of notifyMe below
+        // (pairs with the seq_cst add of notifyMe and the load of `notified` in poll). If the
+        // flag was already set, another notifier ran since the loop last accepted: either
+        // that one wrote the eventfd or the loop will see the flag before it blocks.
+        if notified.exchange(true, ordering: .sequentiallyConsistent) { return }
+        if notifyMe.load(ordering: .sequentiallyConsistent) != 0 {
+            statistics._eventfdWrites.add(1, ordering: .relaxed)
+            notifier.set()
+        }
+    }
+
+    /// Clears `notified` before the loop looks for work, so that work published after this
+    /// point sets it again and the next iteration does not block.
+    func notifyAccept() {
+        notified.store(false, ordering: .relaxed)
+        // Full fence: orders the clear before the reads of BH flags, the BH list and the
+        // handler queue that follow (pairs with the seq_cst exchange in notify).
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+    }
+
+    // MARK: - Adaptive polling parameters
+
+    /// The polling parameters in force.
+    public var pollParameters: PollParameters {
+        PollParameters(maxNs: pollMaxNs.load(ordering: .relaxed), grow: pollGrow.load(ordering: .relaxed),
+                       shrink: pollShrink.load(ordering: .relaxed))
+    }
+
+    /// Sets the polling parameters; every handler's window restarts from 0 (QEMU
+    /// `aio_context_set_poll_params`). Thread-safe; takes effect on the next iteration.
+    /// Values are not validated here (the IOThread properties validate them).
+    public func setPollParameters(_ p: PollParameters) {
+        // Relaxed: as QEMU says, it does not matter if a stale value is used once; the flag's
+        // release/acquire makes the new values visible by the time the windows are reset.
+        pollMaxNs.store(p.maxNs, ordering: .relaxed)
+        pollGrow.store(p.grow, ordering: .relaxed)
+        pollShrink.store(p.shrink, ordering: .relaxed)
+        pollParametersChanged.store(true, ordering: .releasing)
+        notify()
+    }
+
+    // MARK: - Bottom halves
+
+    /// Creates a bottom half. Thread-safe. It must be ``BottomHalf/delete()``d before the
+    /// context goes away.
+    public func makeBottomHalf(name: String = "bh", _ callback: @escaping @Sendable () -> Void) -> BottomHalf {
+        let bh = BottomHalf(context: self, name: name, callback: callback)
+        liveBottomHalves.withLock { $0[ObjectIdentifier(bh)] = name }
+        return bh
+    }
+
+    /// Schedules `callback` to run once on the home thread (QEMU `aio_bh_schedule_oneshot`).
+    /// Thread-safe, lock-free.
+    public func scheduleOneShot(name: String = "oneshot", _ callback: @escaping @Sendable () -> Void) {
+        let bh = BottomHalf(context: self, name: name, flags: BottomHalf.Flags.oneShot, callback: callback)
+        enqueue(bh, flags: BottomHalf.Flags.scheduled)
+    }
+
+    func forget(_ bh: BottomHalf) {
+        _ = liveBottomHalves.withLock { $0.removeValue(forKey: ObjectIdentifier(bh)) }
+    }
+
+    // MARK: - fd handlers and event notifiers
+
+    /// Registers (or replaces, or with all callbacks nil removes) the handler for `fd`.
+    /// Thread-safe: on the home thread it takes effect at once; from another thread at the
+    /// start of the home thread's next iteration (the loop is notified).
+    public func setFdHandler(_ fd: Int32, _ callbacks: FdHandlerCallbacks) {
+        let handler = callbacks.isEmpty ? nil : FdHandler(fd: fd, role: .fd, callbacks: callbacks, notifier: nil)
+        change(fd, handler)
+    }
+
+    /// Removes the handler for `fd`, if any. Thread-safe (see ``setFdHandler(_:_:)``). Once
+    /// applied, no callback for this registration runs again, even for events already
+    /// completed in the kernel.
+    public func removeFdHandler(_ fd: Int32) { change(fd, nil) }
+
+    /// Registers an event notifier. `callbacks.read` runs after the loop cleared the
+    /// notifier, once per batch of ``EventNotifier/set()`` calls. The context keeps the
+    /// notifier alive while it is registered. Thread-safe (see ``setFdHandler(_:_:)``).
+    public func setEventNotifier(_ notifier: EventNotifier, _ callbacks: FdHandlerCallbacks) {
+        let fd = notifier.fileDescriptor
+        let handler = callbacks.isEmpty
+            ? nil : FdHandler(fd: fd, role: .eventNotifier, callbacks: callbacks, notifier: notifier)
+        change(fd, handler)
+    }
+
+    /// Removes an event notifier's handler. Thread-safe (see ``removeFdHandler(_:)``).
+    public func removeEventNotifier(_ notifier: EventNotifier) { change(notifier.fileDescriptor, nil) }
+
+    func change(_ fd: Int32, _ handler: FdHandler?) {
+        precondition(fd != notifier.fileDescriptor || handler?.role == .contextNotifier,
+                     "BUG DETECTED: the context's own notifier fd cannot be re-registered")
+        if isOnHomeThread {
+            applyPendingChanges()  // keep the order of earlier changes from other threads
+            apply(fd, handler)
+        } else {
+            pendingChanges.withLock { $0.append((fd, handler)) }
+            // Release: the queued change is visible to the home thread that sees the flag.
+            hasPendingChanges.store(true, ordering: .releasing)
+        }
+        notify()
+    }
+
+    func applyPendingChanges() {
+        guard hasPendingChanges.load(ordering: .acquiring) else { return }
+        let changes = pendingChanges.withLock { q -> [(Int32, FdHandler?)] in
+            hasPendingChanges.store(false, ordering: .relaxed)
+            let c = q
+            q.removeAll()
+            return c
+        }
+        for (fd, handler) in changes { apply(fd, handler) }
+    }
+
+    func apply(_ fd: Int32, _ handler: FdHandler?) {
+        if let old = handlersByFd.removeValue(forKey: fd) { retire(old) }
+        if let handler { install(handler) }
+    }
+
+    func install(_ h: FdHandler) {
+        let slot: Int
+        if let free = freeHandlerSlots.popLast() {
+            slot = free
+        } else {
+            slot = handlerSlots.count
+            handlerSlots.append(nil)
+        }
+        generation &+= 1
+        h.userData = UserData.make(kind: UserData.fdHandler, generation: generation, slot: slot)
+        handlerSlots[slot] = h
+        handlersByFd[h.fd] = h
+        if h.callbacks.poll == nil { pollDisableCount += 1 }
+        monitor.register(h)
+    }
+
+    func retire(_ h: FdHandler) {
+        h.deleted = true
+        handlerSlots[UserData.slot(h.userData)] = nil
+        freeHandlerSlots.append(UserData.slot(h.userData))
+        if h.callbacks.poll == nil { pollDisableCount -= 1 }
+        if h.inPollList { removeFromPollList(h) }
+        monitor.unregister(h)
+    }
+
+    /// The live handler a backend event belongs to, or nil for a stale one.
+    @inline(__always)
+    func handler(for userData: UInt64) -> FdHandler? {
+        let slot = UserData.slot(userData)
+        guard slot < handlerSlots.count, let h = handlerSlots[slot], h.userData == userData else { return nil }
+        return h
+    }
+
+    func markReady(_ h: FdHandler, revents: UInt32) {
+        h.revents |= revents
+        if !h.onReadyList {
+            h.onReadyList = true
+            readyHandlers.append(h)
+        }
+    }
+
+    func markPollReady(_ h: FdHandler) {
+        h.pollReadyFlag = true
+        if !h.onReadyList {
+            h.onReadyList = true
+            readyHandlers.append(h)
+        }
+    }
+
+    func removeFromPollList(_ h: FdHandler) {
+        h.inPollList = false
+        if let i = pollHandlers.firstIndex(where: { $0 === h }) { pollHandlers.remove(at: i) }
+    }
+
+    // MARK: - Completion I/O
+
+    /// Submits a request on this context's ring; `completion` runs on the home thread with
+    /// the result (a byte count, 0, or `-errno`). Home thread only. On the epoll backend
+    /// reads, writes and fsyncs run on a small worker pool instead.
+    ///
+    /// Requests still in flight when the context is destroyed never complete (as in QEMU).
+    public func submit(_ request: IORequest, _ completion: @escaping (Int32) -> Void) {
+        assertOnHomeThread("submit")
+        let slot: Int
+        if let free = freeRequestSlots.popLast() {
+            slot = free
+        } else {
+            slot = requestSlots.count
+            requestSlots.append(RequestSlot())
+        }
+        requestSlots[slot].generation &+= 1
+        requestSlots[slot].completion = completion
+        let userData = UserData.make(kind: UserData.request, generation: requestSlots[slot].generation, slot: slot)
+        inFlightRequests += 1
+        if !monitor.submit(request, userData: userData) {
+            // The kernel would not take another request even after a reap: complete it with
+            // -EBUSY rather than lose it.
+            requestCompleted(userData: userData, result: -EBUSY)
+        }
+    }
+
+    /// Requests submitted and not yet completed (their callbacks not yet run).
+    public var pendingRequests: Int {
+        assertOnHomeThread("pendingRequests")
+        return inFlightRequests
+    }
+
+    func requestCompleted(userData: UInt64, result: Int32) {
+        readyRequests.append((userData, result))
+    }
+
+    func dispatchCompletions() -> Bool {
+        var progress = false
+        while readyRequestsHead < readyRequests.count {
+            let (userData, result) = readyRequests[readyRequestsHead]
+            readyRequestsHead += 1
+            let slot = UserData.slot(userData)
+            guard slot < requestSlots.count, requestSlots[slot].generation == UserData.generation(userData),
+                  let completion = requestSlots[slot].completion
+            else { continue }
+            requestSlots[slot].completion = nil
+            freeRequestSlots.append(slot)
+            inFlightRequests -= 1
+            progress = true
+            statistics._completions.bump()
+            completion(result)
+        }
+        if readyRequestsHead == readyRequests.count && readyRequestsHead > 0 {
+            readyRequests.removeAll(keepingCapacity: true)
+            readyRequestsHead = 0
+        }
+        return progress
+    }
+}

@@ -1,0 +1,161 @@
+// Bottom halves: callbacks scheduled from any thread to run on a context's home thread.
+//
+// Design note (QEMU util/async.c). A BH carries an atomic flag word. Scheduling sets
+// PENDING|SCHEDULED with one fetch-or; only the scheduler that flipped PENDING from 0 pushes
+// the BH onto the context's lock-free list (a Treiber stack: push with CAS, the loop takes
+// the whole list with one exchange, so there is no ABA). Scheduling a BH that is already
+// pending therefore coalesces. The list holds a +1 retain on each BH it links.
+//
+// Ordering we guarantee (documented in AioContext): the BHs taken in one batch run in the
+// order they were first scheduled (FIFO; QEMU runs them LIFO); a BH scheduled while BHs
+// run (also by itself) runs in the next batch, i.e. the next `poll`; a nested `poll` first
+// finishes the batches of the iterations it is nested in, so each scheduling runs once.
+import Synchronization
+
+/// A callback that runs on its context's home thread when scheduled.
+///
+/// Create one with ``AioContext/makeBottomHalf(name:_:)``; it must be ``delete()``d before
+/// its context is destroyed (QEMU aborts on a leaked BH; so do we).
+///
+/// `@unchecked Sendable`: `flags` is atomic; `next` is written only by the thread that won
+/// PENDING (before the release-CAS that publishes it) and read only by the home thread after
+/// its acquire-exchange of the list; `callback`, `name` and `context` are immutable.
+public final class BottomHalf: @unchecked Sendable {
+    struct Flags {
+        static let pending: UInt32 = 1
+        static let scheduled: UInt32 = 2
+        static let deleted: UInt32 = 4
+        static let oneShot: UInt32 = 8
+        static let idle: UInt32 = 16
+    }
+
+    let flags: Atomic<UInt32>
+    nonisolated(unsafe) var next: Unmanaged<BottomHalf>? = nil
+    let callback: @Sendable () -> Void
+    /// The name reported when a BH leaks.
+    public let name: String
+    unowned(unsafe) let context: AioContext
+
+    init(context: AioContext, name: String, flags: UInt32 = 0, callback: @escaping @Sendable () -> Void) {
+        self.context = context
+        self.name = name
+        self.flags = Atomic(flags)
+        self.callback = callback
+    }
+
+    /// Schedules the callback to run once on the home thread. Thread-safe, lock-free. A BH
+    /// that is already scheduled is not scheduled twice.
+    public func schedule() { context.enqueue(self, flags: Flags.scheduled) }
+
+    /// Schedules the BH as an idle BH: it runs within 10 ms (or sooner if the loop wakes for
+    /// something else) and does not count as progress.
+    public func scheduleIdle() { context.enqueue(self, flags: Flags.scheduled | Flags.idle) }
+
+    /// Cancels a scheduled run. Thread-safe; as in QEMU, a cancel racing with the loop that
+    /// is about to run the BH may lose (call it from the home thread to be sure).
+    public func cancel() { flags.bitwiseAnd(~Flags.scheduled, ordering: .relaxed) }
+
+    /// Deletes the BH: its callback will not run again. Allowed from its own callback.
+    /// Thread-safe. Deleting twice is a programming error.
+    public func delete() {
+        let old = flags.bitwiseOr(Flags.deleted, ordering: .acquiringAndReleasing).oldValue
+        precondition(old & Flags.deleted == 0, "BUG DETECTED: bottom half '\(name)' deleted twice")
+        context.forget(self)
+    }
+
+    /// Whether the BH is scheduled and has not run yet.
+    public var isScheduled: Bool {
+        let f = flags.load(ordering: .relaxed)
+        return f & (Flags.scheduled | Flags.deleted) == Flags.scheduled
+    }
+}
+
+extension AioContext {
+    /// Pushes `bh` with `newFlags` (QEMU `aio_bh_enqueue`), then notifies.
+    func enqueue(_ bh: BottomHalf, flags newFlags: UInt32) {
+        // Release: our writes before scheduling are visible to the callback (pairs with
+        // the acquiring exchange in takeBottomHalves).
+        let old = bh.flags.bitwiseOr(BottomHalf.Flags.pending | newFlags, ordering: .acquiringAndReleasing).oldValue
+        if old & BottomHalf.Flags.pending == 0 {
+            let node = Unmanaged.passRetained(bh)
+            var head = bhList.load(ordering: .relaxed)
+            while true {
+                bh.next = head
+                // Release publishes `next` (and everything before) to the home thread.
+                let (done, current) = bhList.compareExchange(
+                    expected: head, desired: node, successOrdering: .releasing, failureOrdering: .relaxed)
+                if done { break }
+                head = current
+            }
+        }
+        notify()
+    }
+
+    /// Takes every BH scheduled so far as one batch, in first-scheduled order.
+    func takeBottomHalves() -> Unmanaged<BottomHalf>? {
+        // Acquire pairs with the releasing CAS in enqueue.
+        var node = bhList.exchange(nil, ordering: .acquiring)
+        // The stack is newest first: reverse it so BHs run in the order they were scheduled.
+        var reversed: Unmanaged<BottomHalf>? = nil
+        while let n = node {
+            let bh = n._withUnsafeGuaranteedRef { $0 }
+            node = bh.next
+            bh.next = reversed
+            reversed = n
+        }
+        return reversed
+    }
+
+    /// Runs scheduled BHs (QEMU `aio_bh_poll`). Returns whether a non-idle BH ran.
+    func runBottomHalves() -> Bool {
+        bhSlices.append(takeBottomHalves())
+        var progress = false
+        while !bhSlices.isEmpty {
+            guard let node = bhSlices[0] else {
+                bhSlices.removeFirst()
+                continue
+            }
+            let bh = node.takeRetainedValue()
+            // Read `next` before clearing PENDING: afterwards another thread may push the BH
+            // again and rewrite it.
+            bhSlices[0] = bh.next
+            bh.next = nil
+            let mask = BottomHalf.Flags.pending | BottomHalf.Flags.scheduled | BottomHalf.Flags.idle
+            let old = bh.flags.bitwiseAnd(~mask, ordering: .acquiringAndReleasing).oldValue
+            if old & (BottomHalf.Flags.scheduled | BottomHalf.Flags.deleted) == BottomHalf.Flags.scheduled {
+                if old & BottomHalf.Flags.idle == 0 { progress = true }
+                statistics._bottomHalvesRun.bump()
+                bh.callback()
+            }
+            // A one-shot or deleted BH is freed when `bh` goes out of scope.
+        }
+        return progress
+    }
+
+    /// The BH part of the timeout: 0 if a non-idle BH is scheduled, 10 ms if only idle ones
+    /// are, -1 if none (QEMU `aio_compute_bh_timeout`).
+    func bottomHalfTimeout() -> Int64 {
+        var timeout: Int64 = -1
+        func scan(_ first: Unmanaged<BottomHalf>?) -> Bool {
+            var node = first
+            while let n = node {
+                let bh = n._withUnsafeGuaranteedRef { $0 }
+                let f = bh.flags.load(ordering: .relaxed)
+                if f & (BottomHalf.Flags.scheduled | BottomHalf.Flags.deleted) == BottomHalf.Flags.scheduled {
+                    if f & BottomHalf.Flags.idle != 0 {
+                        timeout = 10_000_000
+                    } else {
+                        return true
+                    }
+                }
+                node = bh.next
+            }
+            return false
+        }
+        // Nodes on the shared list are only ever unlinked by this (the home) thread, so
+        // walking from an acquired head is safe while other threads push.
+        if scan(bhList.load(ordering: .acquiring)) { return 0 }
+        for slice in bhSlices where scan(slice) { return 0 }
+        return timeout
+    }
+}

@@ -1,0 +1,115 @@
+// fd monitoring on epoll, the fallback when io_uring is refused.
+//
+// Design note. Level-triggered epoll with the handler's generation-tagged slot in
+// `data.u64`, so a stale event for a removed handler is dropped. The wait uses
+// epoll_pwait2 (ns timeout, Linux 5.11+) and falls back to epoll_wait with the timeout
+// rounded up to whole ms ("better to wait too long than to busy-wait", as QEMU says).
+// Unlike QEMU, a non-blocking iteration always asks the kernel (epoll_wait with timeout
+// 0): QEMU skips that when every handler can be polled, which can starve fds (its own
+// comment admits it). Completion I/O runs on a small worker pool and completes through a BH,
+// as QEMU's thread pool does; nops complete at once and timeouts use a context timer.
+import CShims
+import Glibc
+
+final class EpollMonitor: FDMonitor {
+    let epfd: Int32
+    unowned(unsafe) let context: AioContext
+    var events: UnsafeMutablePointer<epoll_event>
+    let maxEvents: Int32 = 128
+    var hasPwait2 = true
+    /// Started on the first read, write or fsync.
+    var pool: WorkerPool?
+
+    init(context: AioContext) throws(AioError) {
+        let fd = epoll_create1(Int32(EPOLL_CLOEXEC))
+        guard fd >= 0 else { throw AioError.syscall("epoll_create1", errno: errno) }
+        self.epfd = fd
+        self.context = context
+        self.events = .allocate(capacity: Int(maxEvents))
+    }
+
+    /// Joins the worker pool; the context calls this before it goes away.
+    func shutdown() { pool?.shutdown() }
+
+    deinit {
+        close(epfd)
+        events.deallocate()
+    }
+
+    var kind: FDMonitorKind { .epoll }
+    var ringEnters: UInt64 { 0 }
+    var supportsUserspacePolling: Bool { false }
+    var needsWait: Bool { true }
+    /// epoll cannot see readiness from user space: polling is possible only while every
+    /// handler can be polled (QEMU `aio_poll_disabled`).
+    var eventsReady: Bool { context.pollDisableCount != 0 }
+    func prepareForPolling() {}
+
+    func register(_ h: FdHandler) {
+        guard h.events != 0 else { return }
+        var ev = epoll_event()
+        ev.events = h.events & (0x001 | 0x004)  // EPOLLIN | EPOLLOUT; ERR and HUP are implied
+        ev.data.u64 = h.userData
+        if epoll_ctl(epfd, EPOLL_CTL_ADD, h.fd, &ev) == 0 {
+            h.armed = true
+        } else {
+            // EPERM: a regular file (always ready, cannot be watched), EBADF: not an fd.
+            // Such a handler simply never fires, as with a failed POLL_ADD on io_uring.
+            h.armed = false
+        }
+    }
+
+    func unregister(_ h: FdHandler) {
+        guard h.armed else { return }
+        h.armed = false
+        // ENOENT/EBADF when the owner already closed the fd: the kernel dropped it already.
+        _ = epoll_ctl(epfd, EPOLL_CTL_DEL, h.fd, nil)
+    }
+
+    func wait(timeout: Int64) {
+        var n: Int32
+        if timeout > 0 && hasPwait2 {
+            var ts = timespec(tv_sec: Int(timeout / 1_000_000_000), tv_nsec: Int(timeout % 1_000_000_000))
+            n = dp_epoll_pwait2(epfd, events, maxEvents, &ts)
+            if n == -ENOSYS {
+                hasPwait2 = false
+                n = epoll_wait(epfd, events, maxEvents, Int32(clamping: (timeout + 999_999) / 1_000_000))
+            } else if n < 0 {
+                n = 0  // -EINTR: the next iteration recomputes
+            }
+        } else {
+            let ms: Int32 = timeout < 0 ? -1 : Int32(clamping: (timeout + 999_999) / 1_000_000)
+            n = epoll_wait(epfd, events, maxEvents, ms)
+        }
+        guard n > 0 else { return }
+        for i in 0..<Int(n) {
+            let ev = events[i]
+            guard let h = context.handler(for: ev.data.u64) else { continue }
+            context.markReady(h, revents: ev.events)
+        }
+    }
+
+    func submit(_ request: IORequest, userData: UInt64) -> Bool {
+        switch request {
+        case .nop:
+            context.requestCompleted(userData: userData, result: 0)
+        case .timeout(let ns):
+            let ctx = context
+            // A one-shot timer completes it with -ETIME, as the ring's timeout does. The
+            // armed timer is kept alive by the context's timer heap until it fires.
+            ctx.makeTimer { ctx.requestCompleted(userData: userData, result: -ETIME) }.arm(after: ns)
+        case .read, .write, .fsync:
+            if pool == nil { pool = WorkerPool(context: context) }
+            pool!.run(request, userData: userData)
+        }
+        return true
+    }
+}
+
+/// A box for a value handed between threads where the handing-off is synchronised by
+/// something else (a lock, a BH, a semaphore).
+/// `@unchecked Sendable`: each use names what orders its accesses.
+final class UncheckedBox<T>: @unchecked Sendable {
+    var value: T
+    init(_ value: T) { self.value = value }
+}

@@ -1,0 +1,140 @@
+// fd monitoring and completion I/O on io_uring.
+//
+// Design note. fd readiness is a POLL_ADD per handler whose user_data is the handler's
+// generation-tagged slot (never a pointer): a completion for a removed handler finds another
+// generation in the slot and is dropped, so removal is safe against CQEs in flight. Event
+// notifiers (eventfds the loop clears itself) use multishot POLL_ADD — one SQE for the
+// registration's life instead of one per event (QEMU re-arms a one-shot poll every time);
+// plain fd handlers keep one-shot re-arming, which gives them the level-triggered semantics
+// QEMU's handlers rely on (a handler that does not drain its fd is called again). A kernel
+// that refuses multishot (-EINVAL, before 5.13) is detected on the first CQE and the monitor
+// falls back to one-shot. SQEs are queued and reach the kernel in one io_uring_enter per
+// iteration (or earlier, when the SQ fills).
+//
+// The one rule that makes it safe: only the home thread touches the ring. The ring is
+// created on it (SINGLE_ISSUER) and every method here runs on it.
+import Synchronization
+import Uring
+
+final class IOUringMonitor: FDMonitor {
+    var ring: Ring
+    unowned(unsafe) let context: AioContext
+    var multishotSupported = true
+    /// Handlers whose POLL_ADD could not be queued (SQ full) or must be re-armed after a
+    /// reap (the ring may not be used while reaping).
+    var toArm: ContiguousArray<FdHandler> = []
+
+    init(context: AioContext) throws(UringError) {
+        self.context = context
+        self.ring = try Ring(entries: 256, singleIssuer: true)
+    }
+
+    var kind: FDMonitorKind { .ioUring }
+    var ringEnters: UInt64 { ring.enterCount }
+    var supportsUserspacePolling: Bool { true }
+
+    var needsWait: Bool {
+        ring.pendingSubmissions > 0 || ring.readyCompletions > 0 || ring.hasOverflow || !toArm.isEmpty
+    }
+
+    var eventsReady: Bool { ring.readyCompletions > 0 || ring.hasOverflow }
+
+    func prepareForPolling() {
+        armPending()
+        ring.submit()
+    }
+
+    func register(_ h: FdHandler) {
+        guard h.events != 0 else { return }
+        h.multishot = h.role != .fd && multishotSupported
+        arm(h)
+    }
+
+    func arm(_ h: FdHandler) {
+        guard !h.deleted else { return }
+        if ring.preparePollAdd(fd: h.fd, events: h.events, multishot: h.multishot, userData: h.userData) {
+            h.armed = true
+        } else {
+            toArm.append(h)
+        }
+    }
+
+    func armPending() {
+        guard !toArm.isEmpty else { return }
+        let pending = toArm
+        toArm.removeAll(keepingCapacity: true)
+        for h in pending where !h.deleted && !h.armed { arm(h) }
+    }
+
+    func unregister(_ h: FdHandler) {
+        guard h.armed else { return }
+        h.armed = false
+        // The removal's own CQE and the poll's -ECANCELED carry ignorable user_data or a
+        // stale generation. If no SQE can be had, the poll stays in the kernel until the
+        // ring is torn down; its events are dropped by generation, so this is only a leak
+        // of one request, never a wrong dispatch.
+        _ = ring.preparePollRemove(target: h.userData, userData: 0)
+    }
+
+    func submit(_ request: IORequest, userData: UInt64) -> Bool {
+        func prep(_ ring: inout Ring) -> Bool {
+            switch request {
+            case .nop:
+                return ring.prepareNop(userData: userData)
+            case .read(let fd, let buffer, let offset):
+                return ring.prepareRead(fd: fd, buffer: buffer.baseAddress!, count: UInt32(buffer.count),
+                                        offset: offset, userData: userData)
+            case .write(let fd, let buffer, let offset):
+                return ring.prepareWrite(fd: fd, buffer: buffer.baseAddress!, count: UInt32(buffer.count),
+                                         offset: offset, userData: userData)
+            case .fsync(let fd, let dataOnly):
+                return ring.prepareFsync(fd: fd, dataOnly: dataOnly, userData: userData)
+            case .timeout(let ns):
+                return ring.prepareTimeout(nanoseconds: ns, userData: userData)
+            }
+        }
+        if prep(&ring) { return true }
+        // The SQ is full and the kernel would not take more (CQ backpressure): reap, retry.
+        reap()
+        ring.submit()
+        return prep(&ring)
+    }
+
+    func wait(timeout: Int64) {
+        armPending()
+        let rc = ring.submitAndWait(timeoutNanoseconds: timeout)
+        // -ETIME: timed out; -EINTR: a signal; -EBUSY/-EAGAIN: the kernel is short of
+        // resources for now. All leave the queues intact; the next iteration retries.
+        _ = rc
+        context.statistics._ringEnters.store(ring.enterCount, ordering: .relaxed)
+        reap()
+        armPending()
+    }
+
+    func reap() {
+        let ctx = context
+        ring.reap { c in
+            switch UserData.kind(c.userData) {
+            case UserData.fdHandler:
+                guard let h = ctx.handler(for: c.userData) else { return }
+                if c.result == -22 /* EINVAL */ && h.multishot {
+                    // This kernel has no multishot poll (< 5.13): use one-shot from now on.
+                    multishotSupported = false
+                    h.multishot = false
+                    h.armed = false
+                    toArm.append(h)
+                    return
+                }
+                if !c.hasMore {
+                    h.armed = false  // one-shot done, or the kernel ended a multishot
+                    toArm.append(h)
+                }
+                if c.result > 0 { ctx.markReady(h, revents: UInt32(c.result)) }
+            case UserData.request:
+                ctx.requestCompleted(userData: c.userData, result: c.result)
+            default:
+                break  // poll removals and other internal requests
+            }
+        }
+    }
+}

@@ -1,0 +1,181 @@
+// Timers of one AioContext.
+//
+// Design note (QEMU util/qemu-timer.c). One min-heap per clock, ordered by (deadline,
+// arming sequence) so that equal deadlines fire in the order they were armed, under one
+// mutex per context: timers may be armed and cancelled from any thread. Arming a timer
+// that becomes the earliest of its clock notifies the loop, so a sleeping loop recomputes
+// its timeout. The loop reads each clock once per iteration, pops every expired timer and
+// runs its callback with the mutex dropped (a callback may re-arm itself).
+import Synchronization
+
+/// A one-shot timer on a context. Arm it with ``arm(at:)`` or ``arm(after:)`` (re-arm from
+/// the callback for periodic behaviour); the callback runs on the home thread.
+///
+/// `@unchecked Sendable`: `deadline`, `sequence` and `heapIndex` are read and written only
+/// with the owning context's timer mutex held; everything else is immutable.
+public final class AioTimer: @unchecked Sendable {
+    public let clock: AioClock
+    let callback: @Sendable () -> Void
+    unowned(unsafe) let context: AioContext
+    // Guarded by context.timerHeaps.
+    var deadline: Int64 = -1
+    var sequence: UInt64 = 0
+    var heapIndex: Int = -1
+
+    init(context: AioContext, clock: AioClock, callback: @escaping @Sendable () -> Void) {
+        self.context = context
+        self.clock = clock
+        self.callback = callback
+    }
+
+    /// Arms (or re-arms) the timer to fire at `deadline`, in ns on its clock. A deadline in
+    /// the past fires on the next iteration. Thread-safe.
+    public func arm(at deadline: Int64) { context.armTimer(self, deadline: max(0, deadline)) }
+
+    /// Arms the timer to fire `nanoseconds` from now.
+    public func arm(after nanoseconds: Int64) { arm(at: clock.now &+ max(0, nanoseconds)) }
+
+    /// Disarms the timer. Thread-safe; does not wake the loop (waking late is harmless).
+    public func cancel() { context.cancelTimer(self) }
+
+    /// Whether the timer is armed and has not fired yet.
+    public var isPending: Bool { context.timerHeaps.withLock { _ in heapIndex >= 0 } }
+
+    /// The armed deadline, or nil.
+    public var expireTime: Int64? { context.timerHeaps.withLock { _ in heapIndex >= 0 ? deadline : nil } }
+}
+
+/// A binary min-heap of timers keyed by (deadline, sequence), tracking each timer's index.
+struct TimerHeap: ~Copyable {
+    var items: [AioTimer] = []
+    var nextSequence: UInt64 = 0
+
+    var first: AioTimer? { items.first }
+
+    @inline(__always)
+    static func less(_ a: AioTimer, _ b: AioTimer) -> Bool {
+        a.deadline < b.deadline || (a.deadline == b.deadline && a.sequence < b.sequence)
+    }
+
+    mutating func insert(_ t: AioTimer) {
+        nextSequence &+= 1
+        t.sequence = nextSequence
+        t.heapIndex = items.count
+        items.append(t)
+        siftUp(items.count - 1)
+    }
+
+    mutating func remove(_ t: AioTimer) {
+        let i = t.heapIndex
+        precondition(i >= 0 && i < items.count && items[i] === t, "BUG DETECTED: timer heap corrupted")
+        let last = items.count - 1
+        if i != last {
+            items.swapAt(i, last)
+            items[i].heapIndex = i
+        }
+        items.removeLast()
+        t.heapIndex = -1
+        if i < items.count {
+            siftDown(i)
+            siftUp(i)
+        }
+    }
+
+    mutating func siftUp(_ start: Int) {
+        var i = start
+        while i > 0 {
+            let parent = (i - 1) / 2
+            guard TimerHeap.less(items[i], items[parent]) else { break }
+            items.swapAt(i, parent)
+            items[i].heapIndex = i
+            items[parent].heapIndex = parent
+            i = parent
+        }
+    }
+
+    mutating func siftDown(_ start: Int) {
+        var i = start
+        let n = items.count
+        while true {
+            let l = 2 * i + 1, r = l + 1
+            var m = i
+            if l < n && TimerHeap.less(items[l], items[m]) { m = l }
+            if r < n && TimerHeap.less(items[r], items[m]) { m = r }
+            if m == i { return }
+            items.swapAt(i, m)
+            items[i].heapIndex = i
+            items[m].heapIndex = m
+            i = m
+        }
+    }
+}
+
+/// One heap per clock.
+struct TimerHeaps: ~Copyable {
+    var monotonic = TimerHeap()
+    var realtime = TimerHeap()
+}
+
+extension AioContext {
+    /// Creates a timer on this context. Thread-safe.
+    public func makeTimer(clock: AioClock = .monotonic, _ callback: @escaping @Sendable () -> Void) -> AioTimer {
+        AioTimer(context: self, clock: clock, callback: callback)
+    }
+
+    func armTimer(_ t: AioTimer, deadline: Int64) {
+        let becameFirst = timerHeaps.withLock { heaps -> Bool in
+            func arm(_ heap: inout TimerHeap) -> Bool {
+                if t.heapIndex >= 0 { heap.remove(t) }
+                t.deadline = deadline
+                heap.insert(t)
+                return heap.first === t
+            }
+            return t.clock == .monotonic ? arm(&heaps.monotonic) : arm(&heaps.realtime)
+        }
+        if becameFirst { notify() }
+    }
+
+    func cancelTimer(_ t: AioTimer) {
+        timerHeaps.withLock { heaps in
+            guard t.heapIndex >= 0 else { return }
+            if t.clock == .monotonic { heaps.monotonic.remove(t) } else { heaps.realtime.remove(t) }
+        }
+    }
+
+    /// ns until the earliest timer (0 if one has expired), or -1 if none is armed.
+    func timerTimeout() -> Int64 {
+        let (m, r) = timerHeaps.withLock { h in (h.monotonic.first?.deadline, h.realtime.first?.deadline) }
+        var timeout: Int64 = -1
+        if let m { timeout = soonest(timeout, max(0, m - AioClock.monotonic.now)) }
+        if let r { timeout = soonest(timeout, max(0, r - AioClock.realtime.now)) }
+        return timeout
+    }
+
+    /// Runs every expired timer; returns whether any ran (QEMU `timerlistgroup_run_timers`).
+    func runTimers() -> Bool {
+        var progress = false
+        for clock in AioClock.allCases {
+            // Cheap check first: most iterations have nothing armed on a clock.
+            let hasAny = timerHeaps.withLock { h in
+                (clock == .monotonic ? h.monotonic.first : h.realtime.first) != nil
+            }
+            guard hasAny else { continue }
+            let now = clock.now
+            while true {
+                let due: AioTimer? = timerHeaps.withLock { h in
+                    func pop(_ heap: inout TimerHeap) -> AioTimer? {
+                        guard let t = heap.first, t.deadline <= now else { return nil }
+                        heap.remove(t)
+                        return t
+                    }
+                    return clock == .monotonic ? pop(&h.monotonic) : pop(&h.realtime)
+                }
+                guard let t = due else { break }
+                progress = true
+                statistics._timersFired.bump()
+                t.callback()
+            }
+        }
+        return progress
+    }
+}

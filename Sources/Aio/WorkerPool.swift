@@ -1,0 +1,135 @@
+// The worker pool that runs completion I/O for contexts on the epoll backend.
+//
+// Design note. QEMU's thread pool, reduced to what we need: requests go on a
+// mutex-protected queue and a counting semaphore wakes one worker; a worker does the
+// blocking pread/pwrite/fsync, puts (user_data, result) on the done queue and schedules the
+// context's completion BH, which hands the results to the loop on its home thread. Workers
+// start lazily (up to `maxWorkers`) and are joined when the context goes away; requests
+// still queued then are dropped without their callbacks, as io_uring drops them.
+import Glibc
+import Synchronization
+
+final class WorkerPool: Sendable {
+    struct Job: @unchecked Sendable {
+        // @unchecked: the buffer is owned by the submitter, who keeps it valid and untouched
+        // until the completion callback runs (the contract of AioContext.submit).
+        let request: IORequest
+        let userData: UInt64
+    }
+
+    struct State {
+        var queue: [Job] = []
+        var workers: [pthread_t] = []
+        var idle = 0
+        var stopping = false
+    }
+
+    let state = Mutex(State())
+    /// Results waiting for the completion BH. A class of its own so that the BH can hold it
+    /// without holding the pool.
+    final class DoneQueue: Sendable {
+        let items = Mutex<[(UInt64, Int32)]>([])
+    }
+    let done = DoneQueue()
+    /// Counts jobs (and stop tokens) for the workers to take. Heap-allocated: a sem_t must
+    /// not move. Sendable by being a kernel-synchronised object.
+    nonisolated(unsafe) let semaphore: UnsafeMutablePointer<sem_t>
+    let completionBH: BottomHalf
+    let maxWorkers = 4
+
+    init(context: AioContext) {
+        semaphore = .allocate(capacity: 1)
+        sem_init(semaphore, 0, 0)
+        let done = self.done
+        // The BH holds the done queue only, not the pool: no cycle.
+        completionBH = BottomHalf(context: context, name: "worker-pool-completions") { [done, unowned context] in
+            let items = done.items.withLock { q -> [(UInt64, Int32)] in
+                let items = q
+                q.removeAll(keepingCapacity: true)
+                return items
+            }
+            for (userData, result) in items { context.requestCompleted(userData: userData, result: result) }
+        }
+    }
+
+    func run(_ request: IORequest, userData: UInt64) {
+        let spawn = state.withLock { s -> Bool in
+            s.queue.append(Job(request: request, userData: userData))
+            return s.queue.count > s.idle && s.workers.count < maxWorkers
+        }
+        if spawn { startWorker() }
+        sem_post(semaphore)
+    }
+
+    func startWorker() {
+        let box = Unmanaged.passRetained(self).toOpaque()
+        var tid = pthread_t()
+        let rc = pthread_create(&tid, nil, { arg in
+            let pool = Unmanaged<WorkerPool>.fromOpaque(arg!).takeRetainedValue()
+            pool.workerLoop()
+            return nil
+        }, box)
+        if rc != 0 {
+            // No thread: the job stays queued for an existing worker (there is one unless
+            // this was the first; then it is failed below with the errno).
+            Unmanaged<WorkerPool>.fromOpaque(box).release()
+            let orphan = state.withLock { s -> Job? in s.workers.isEmpty ? s.queue.popLast() : nil }
+            if let orphan { finish(orphan.userData, -rc) }
+            return
+        }
+        state.withLock { $0.workers.append(tid) }
+    }
+
+    func workerLoop() {
+        while true {
+            state.withLock { $0.idle += 1 }
+            while sem_wait(semaphore) != 0 {}  // EINTR
+            let job = state.withLock { s -> Job? in
+                s.idle -= 1
+                if s.stopping { return nil }
+                return s.queue.isEmpty ? nil : s.queue.removeFirst()
+            }
+            guard let job else {
+                if state.withLock({ $0.stopping }) { return }
+                continue
+            }
+            finish(job.userData, perform(job.request))
+        }
+    }
+
+    func finish(_ userData: UInt64, _ result: Int32) {
+        done.items.withLock { $0.append((userData, result)) }
+        completionBH.schedule()
+    }
+
+    func perform(_ request: IORequest) -> Int32 {
+        while true {
+            let rc: Int
+            switch request {
+            case .read(let fd, let buffer, let offset):
+                rc = pread(fd, buffer.baseAddress, buffer.count, off_t(Int64(bitPattern: offset)))
+            case .write(let fd, let buffer, let offset):
+                rc = pwrite(fd, buffer.baseAddress, buffer.count, off_t(Int64(bitPattern: offset)))
+            case .fsync(let fd, let dataOnly):
+                rc = Int(dataOnly ? fdatasync(fd) : fsync(fd))
+            case .nop, .timeout:
+                return 0
+            }
+            if rc >= 0 { return Int32(clamping: rc) }
+            if errno != EINTR { return -errno }
+        }
+    }
+
+    /// Stops and joins the workers. Called by the context's deinit (any thread but a worker).
+    func shutdown() {
+        let workers = state.withLock { s -> [pthread_t] in
+            s.stopping = true
+            return s.workers
+        }
+        for _ in workers { sem_post(semaphore) }
+        for t in workers { pthread_join(t, nil) }
+        completionBH.delete()
+        sem_destroy(semaphore)
+        semaphore.deallocate()
+    }
+}

@@ -1,0 +1,21 @@
+// CShims: the few Linux system calls that Swift's Glibc module does not import, because
+// glibc declares them only under _GNU_SOURCE (which that module is not built with) or
+// because they are variadic. Each wrapper returns -errno on failure.
+#ifndef DATAPLANE_CSHIMS_H
+#define DATAPLANE_CSHIMS_H
+
+#include <sys/epoll.h>
+#include <time.h>
+#include <sys/eventfd.h>
+
+/// gettid(2): the calling thread's kernel thread id.
+int dp_gettid(void);
+
+/// epoll_pwait2(2) (Linux 5.11+): epoll_wait with a nanosecond timeout (NULL: infinite).
+/// Returns the event count or -errno (-ENOSYS on older kernels).
+int dp_epoll_pwait2(int epfd, struct epoll_event *events, int maxevents, const struct timespec *timeout);
+
+/// pthread_setname_np(3) for the calling thread (at most 15 bytes, truncated here).
+int dp_set_thread_name(const char *name);
+
+#endif

@@ -1,0 +1,27 @@
+#define _GNU_SOURCE
+#include "CShims.h"
+#include <errno.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+int dp_gettid(void) { return (int)syscall(SYS_gettid); }
+
+int dp_epoll_pwait2(int epfd, struct epoll_event *events, int maxevents, const struct timespec *timeout) {
+#ifdef SYS_epoll_pwait2
+    // The raw system call, so that this also works where glibc predates the wrapper.
+    long r = syscall(SYS_epoll_pwait2, epfd, events, maxevents, timeout, NULL, (size_t)8);
+    return r < 0 ? -errno : (int)r;
+#else
+    (void)epfd; (void)events; (void)maxevents; (void)timeout;
+    return -ENOSYS;
+#endif
+}
+
+int dp_set_thread_name(const char *name) {
+    char buf[16];
+    strncpy(buf, name, sizeof buf - 1);
+    buf[sizeof buf - 1] = 0;
+    return -pthread_setname_np(pthread_self(), buf);
+}
