@@ -62,10 +62,10 @@ extension AioContext {
         let blockNs: Int64 = params.maxNs != 0 ? monotonicNanoseconds() - start : 0
         progress = dispatchCompletions() || progress
         progress = runBottomHalves() || progress
-        // Completions a BH handed over (the epoll backend's worker pool) run now, not a
+        progress = dispatchReadyHandlers(blockNs: blockNs, params) || progress
+        // Completions a handler handed over (the epoll backend's worker pool) run now, not a
         // whole iteration later.
         progress = dispatchCompletions() || progress
-        progress = dispatchReadyHandlers(blockNs: blockNs, params) || progress
         progress = runTimers() || progress
         return progress
     }

@@ -161,6 +161,10 @@ public final class AioContext: @unchecked Sendable {
         }
     }
 
+    /// Every descriptor the context owns: its eventfd and the backend's (ring or epoll
+    /// instance, worker-pool notifier). For leak checks.
+    var ownedDescriptors: [Int32] { [notifier.fileDescriptor] + monitor.ownedDescriptors }
+
     // MARK: - Threads
 
     /// Whether the calling thread is this context's home thread.
@@ -231,8 +235,8 @@ public final class AioContext: @unchecked Sendable {
     /// Schedules `callback` to run once on the home thread (QEMU `aio_bh_schedule_oneshot`).
     /// Thread-safe, lock-free.
     public func scheduleOneShot(name: String = "oneshot", _ callback: @escaping @Sendable () -> Void) {
-        let bh = BottomHalf(context: self, name: name, flags: BottomHalf.Flags.oneShot, callback: callback)
-        enqueue(bh, flags: BottomHalf.Flags.scheduled)
+        enqueue(BottomHalf(context: self, name: name, flags: BottomHalf.Flags.oneShot, callback: callback),
+                flags: BottomHalf.Flags.scheduled)
     }
 
     func forget(_ bh: BottomHalf) {

@@ -34,10 +34,13 @@ public final class BottomHalf: @unchecked Sendable {
     let callback: @Sendable () -> Void
     /// The name reported when a BH leaks.
     public let name: String
-    unowned(unsafe) let context: AioContext
+    /// Not retained: a BH must not keep its context alive, and a scheduler on another thread
+    /// must not extend the context's life for the length of a call either (its deinit could
+    /// then run on that thread). The owner keeps the context alive while others schedule.
+    let unmanagedContext: Unmanaged<AioContext>
 
     init(context: AioContext, name: String, flags: UInt32 = 0, callback: @escaping @Sendable () -> Void) {
-        self.context = context
+        self.unmanagedContext = Unmanaged.passUnretained(context)
         self.name = name
         self.flags = Atomic(flags)
         self.callback = callback
@@ -45,11 +48,15 @@ public final class BottomHalf: @unchecked Sendable {
 
     /// Schedules the callback to run once on the home thread. Thread-safe, lock-free. A BH
     /// that is already scheduled is not scheduled twice.
-    public func schedule() { context.enqueue(self, flags: Flags.scheduled) }
+    public func schedule() {
+        unmanagedContext._withUnsafeGuaranteedRef { $0.enqueue(self, flags: Flags.scheduled) }
+    }
 
     /// Schedules the BH as an idle BH: it runs within 10 ms (or sooner if the loop wakes for
     /// something else) and does not count as progress.
-    public func scheduleIdle() { context.enqueue(self, flags: Flags.scheduled | Flags.idle) }
+    public func scheduleIdle() {
+        unmanagedContext._withUnsafeGuaranteedRef { $0.enqueue(self, flags: Flags.scheduled | Flags.idle) }
+    }
 
     /// Cancels a scheduled run. Thread-safe; as in QEMU, a cancel racing with the loop that
     /// is about to run the BH may lose (call it from the home thread to be sure).
@@ -60,7 +67,7 @@ public final class BottomHalf: @unchecked Sendable {
     public func delete() {
         let old = flags.bitwiseOr(Flags.deleted, ordering: .acquiringAndReleasing).oldValue
         precondition(old & Flags.deleted == 0, "BUG DETECTED: bottom half '\(name)' deleted twice")
-        context.forget(self)
+        unmanagedContext._withUnsafeGuaranteedRef { $0.forget(self) }
     }
 
     /// Whether the BH is scheduled and has not run yet.
@@ -109,6 +116,10 @@ extension AioContext {
     /// Runs scheduled BHs (QEMU `aio_bh_poll`). Returns whether a non-idle BH ran.
     func runBottomHalves() -> Bool {
         bhSlices.append(takeBottomHalves())
+        // A handler change queued by another thread before it scheduled one of these BHs is
+        // visible now (its flag store happens-before the BH push we acquired): apply it first,
+        // so a BH never sees a handler that its scheduler had already removed.
+        applyPendingChanges()
         var progress = false
         while !bhSlices.isEmpty {
             guard let node = bhSlices[0] else {

@@ -29,4 +29,6 @@ protocol FDMonitor: AnyObject {
     func submit(_ request: IORequest, userData: UInt64) -> Bool
     /// io_uring enters so far (0 for epoll).
     var ringEnters: UInt64 { get }
+    /// The descriptors the backend owns (for leak checks).
+    var ownedDescriptors: [Int32] { get }
 }

@@ -6,8 +6,9 @@
 // rounded up to whole ms ("better to wait too long than to busy-wait", as QEMU says).
 // Unlike QEMU, a non-blocking iteration always asks the kernel (epoll_wait with timeout
 // 0): QEMU skips that when every handler can be polled, which can starve fds (its own
-// comment admits it). Completion I/O runs on a small worker pool and completes through a BH,
-// as QEMU's thread pool does; nops complete at once and timeouts use a context timer.
+// comment admits it). Completion I/O runs on a small worker pool (WorkerPool.swift) that
+// hands results back through an event notifier, as QEMU's thread pool does through a BH;
+// nops complete at once and timeouts use a context timer.
 import CShims
 import Glibc
 
@@ -39,6 +40,7 @@ final class EpollMonitor: FDMonitor {
     var kind: FDMonitorKind { .epoll }
     var ringEnters: UInt64 { 0 }
     var supportsUserspacePolling: Bool { false }
+    var ownedDescriptors: [Int32] { [epfd] + (pool.map { [$0.notifier.fileDescriptor] } ?? []) }
     var needsWait: Bool { true }
     /// epoll cannot see readiness from user space: polling is possible only while every
     /// handler can be polled (QEMU `aio_poll_disabled`).
@@ -67,19 +69,15 @@ final class EpollMonitor: FDMonitor {
     }
 
     func wait(timeout: Int64) {
+        // A signal (EINTR) does not end a wait early: retry with what is left of the timeout,
+        // as QEMU does, so a blocking iteration returns only with an event or at its deadline.
+        let deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
+        var remaining = timeout
         var n: Int32
-        if timeout > 0 && hasPwait2 {
-            var ts = timespec(tv_sec: Int(timeout / 1_000_000_000), tv_nsec: Int(timeout % 1_000_000_000))
-            n = dp_epoll_pwait2(epfd, events, maxEvents, &ts)
-            if n == -ENOSYS {
-                hasPwait2 = false
-                n = epoll_wait(epfd, events, maxEvents, Int32(clamping: (timeout + 999_999) / 1_000_000))
-            } else if n < 0 {
-                n = 0  // -EINTR: the next iteration recomputes
-            }
-        } else {
-            let ms: Int32 = timeout < 0 ? -1 : Int32(clamping: (timeout + 999_999) / 1_000_000)
-            n = epoll_wait(epfd, events, maxEvents, ms)
+        while true {
+            n = waitOnce(timeout: remaining)
+            guard n == -EINTR else { break }
+            if timeout > 0 { remaining = max(0, deadline - monotonicNanoseconds()) }
         }
         guard n > 0 else { return }
         for i in 0..<Int(n) {
@@ -87,6 +85,19 @@ final class EpollMonitor: FDMonitor {
             guard let h = context.handler(for: ev.data.u64) else { continue }
             context.markReady(h, revents: ev.events)
         }
+    }
+
+    /// One epoll_pwait2 / epoll_wait; returns the event count or -errno.
+    func waitOnce(timeout: Int64) -> Int32 {
+        if timeout > 0 && hasPwait2 {
+            var ts = timespec(tv_sec: Int(timeout / 1_000_000_000), tv_nsec: Int(timeout % 1_000_000_000))
+            let n = dp_epoll_pwait2(epfd, events, maxEvents, &ts)
+            if n != -ENOSYS { return n }
+            hasPwait2 = false
+        }
+        let ms: Int32 = timeout < 0 ? -1 : Int32(clamping: (timeout + 999_999) / 1_000_000)
+        let n = epoll_wait(epfd, events, maxEvents, ms)
+        return n >= 0 ? n : -errno
     }
 
     func submit(_ request: IORequest, userData: UInt64) -> Bool {
@@ -97,9 +108,19 @@ final class EpollMonitor: FDMonitor {
             let ctx = context
             // A one-shot timer completes it with -ETIME, as the ring's timeout does. The
             // armed timer is kept alive by the context's timer heap until it fires.
-            ctx.makeTimer { ctx.requestCompleted(userData: userData, result: -ETIME) }.arm(after: ns)
+            ctx.makeTimer { [unowned(unsafe) ctx] in
+                ctx.requestCompleted(userData: userData, result: -ETIME)
+            }.arm(after: ns)
         case .read, .write, .fsync:
-            if pool == nil { pool = WorkerPool(context: context) }
+            if pool == nil {
+                guard let p = try? WorkerPool() else { return false }
+                let ctx = context
+                // The handler holds the pool (not the other way round): no cycle.
+                ctx.setEventNotifier(p.notifier, FdHandlerCallbacks(read: { [p, unowned(unsafe) ctx] in
+                    for (userData, result) in p.takeResults() { ctx.requestCompleted(userData: userData, result: result) }
+                }))
+                pool = p
+            }
             pool!.run(request, userData: userData)
         }
         return true

@@ -13,6 +13,7 @@
 //
 // The one rule that makes it safe: only the home thread touches the ring. The ring is
 // created on it (SINGLE_ISSUER) and every method here runs on it.
+import Glibc
 import Synchronization
 import Uring
 
@@ -32,6 +33,7 @@ final class IOUringMonitor: FDMonitor {
     var kind: FDMonitorKind { .ioUring }
     var ringEnters: UInt64 { ring.enterCount }
     var supportsUserspacePolling: Bool { true }
+    var ownedDescriptors: [Int32] { [ring.fileDescriptor] }
 
     var needsWait: Bool {
         ring.pendingSubmissions > 0 || ring.readyCompletions > 0 || ring.hasOverflow || !toArm.isEmpty
@@ -102,10 +104,16 @@ final class IOUringMonitor: FDMonitor {
 
     func wait(timeout: Int64) {
         armPending()
-        let rc = ring.submitAndWait(timeoutNanoseconds: timeout)
-        // -ETIME: timed out; -EINTR: a signal; -EBUSY/-EAGAIN: the kernel is short of
-        // resources for now. All leave the queues intact; the next iteration retries.
-        _ = rc
+        // -ETIME: timed out. -EINTR: a signal; retried with what is left of the timeout, as
+        // QEMU does, so a blocking iteration returns only with an event or at its deadline.
+        // -EBUSY/-EAGAIN: the kernel is short of resources for now; the queues are intact and
+        // the next iteration retries.
+        let deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
+        var remaining = timeout
+        while ring.submitAndWait(timeoutNanoseconds: remaining) == -EINTR && ring.readyCompletions == 0 {
+            if timeout > 0 { remaining = max(0, deadline - monotonicNanoseconds()) }
+            if timeout > 0 && remaining == 0 { break }
+        }
         context.statistics._ringEnters.store(ring.enterCount, ordering: .relaxed)
         reap()
         armPending()

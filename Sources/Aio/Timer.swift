@@ -16,33 +16,40 @@ import Synchronization
 public final class AioTimer: @unchecked Sendable {
     public let clock: AioClock
     let callback: @Sendable () -> Void
-    unowned(unsafe) let context: AioContext
+    /// Not retained, for the reason given on `BottomHalf.unmanagedContext`.
+    let unmanagedContext: Unmanaged<AioContext>
     // Guarded by context.timerHeaps.
     var deadline: Int64 = -1
     var sequence: UInt64 = 0
     var heapIndex: Int = -1
 
     init(context: AioContext, clock: AioClock, callback: @escaping @Sendable () -> Void) {
-        self.context = context
+        self.unmanagedContext = Unmanaged.passUnretained(context)
         self.clock = clock
         self.callback = callback
     }
 
     /// Arms (or re-arms) the timer to fire at `deadline`, in ns on its clock. A deadline in
     /// the past fires on the next iteration. Thread-safe.
-    public func arm(at deadline: Int64) { context.armTimer(self, deadline: max(0, deadline)) }
+    public func arm(at deadline: Int64) {
+        unmanagedContext._withUnsafeGuaranteedRef { $0.armTimer(self, deadline: max(0, deadline)) }
+    }
 
     /// Arms the timer to fire `nanoseconds` from now.
     public func arm(after nanoseconds: Int64) { arm(at: clock.now &+ max(0, nanoseconds)) }
 
     /// Disarms the timer. Thread-safe; does not wake the loop (waking late is harmless).
-    public func cancel() { context.cancelTimer(self) }
+    public func cancel() { unmanagedContext._withUnsafeGuaranteedRef { $0.cancelTimer(self) } }
 
     /// Whether the timer is armed and has not fired yet.
-    public var isPending: Bool { context.timerHeaps.withLock { _ in heapIndex >= 0 } }
+    public var isPending: Bool {
+        unmanagedContext._withUnsafeGuaranteedRef { $0.timerHeaps.withLock { _ in heapIndex >= 0 } }
+    }
 
     /// The armed deadline, or nil.
-    public var expireTime: Int64? { context.timerHeaps.withLock { _ in heapIndex >= 0 ? deadline : nil } }
+    public var expireTime: Int64? {
+        unmanagedContext._withUnsafeGuaranteedRef { $0.timerHeaps.withLock { _ in heapIndex >= 0 ? deadline : nil } }
+    }
 }
 
 /// A binary min-heap of timers keyed by (deadline, sequence), tracking each timer's index.

@@ -2,10 +2,17 @@
 //
 // Design note. QEMU's thread pool, reduced to what we need: requests go on a
 // mutex-protected queue and a counting semaphore wakes one worker; a worker does the
-// blocking pread/pwrite/fsync, puts (user_data, result) on the done queue and schedules the
-// context's completion BH, which hands the results to the loop on its home thread. Workers
-// start lazily (up to `maxWorkers`) and are joined when the context goes away; requests
-// still queued then are dropped without their callbacks, as io_uring drops them.
+// blocking pread/pwrite/fsync, puts (user_data, result) on the done queue and sets the
+// pool's event notifier (only when the queue was empty), whose handler on the home thread
+// hands the results to the loop. Workers start lazily (up to `maxWorkers`) and are joined
+// when the context goes away; requests still queued then are dropped without their
+// callbacks, as io_uring drops them.
+//
+// The one rule that makes it safe: a worker never touches the context, only the pool and
+// its notifier, which it keeps alive itself. (Scheduling a BH from a worker would retain the
+// context for the duration of the call; if the home thread dropped its last reference
+// meanwhile, the context's deinit — which joins the workers — would run on a worker and
+// join itself. Found by a repro that destroyed contexts while their workers finished.)
 import Glibc
 import Synchronization
 
@@ -25,30 +32,27 @@ final class WorkerPool: Sendable {
     }
 
     let state = Mutex(State())
-    /// Results waiting for the completion BH. A class of its own so that the BH can hold it
-    /// without holding the pool.
-    final class DoneQueue: Sendable {
-        let items = Mutex<[(UInt64, Int32)]>([])
-    }
-    let done = DoneQueue()
+    /// Results waiting for the home thread.
+    let done = Mutex<[(UInt64, Int32)]>([])
+    /// Set by a worker when it put the first result on an empty done queue.
+    let notifier: EventNotifier
     /// Counts jobs (and stop tokens) for the workers to take. Heap-allocated: a sem_t must
     /// not move. Sendable by being a kernel-synchronised object.
     nonisolated(unsafe) let semaphore: UnsafeMutablePointer<sem_t>
-    let completionBH: BottomHalf
     let maxWorkers = 4
 
-    init(context: AioContext) {
+    init() throws(AioError) {
+        notifier = try EventNotifier()
         semaphore = .allocate(capacity: 1)
         sem_init(semaphore, 0, 0)
-        let done = self.done
-        // The BH holds the done queue only, not the pool: no cycle.
-        completionBH = BottomHalf(context: context, name: "worker-pool-completions") { [done, unowned context] in
-            let items = done.items.withLock { q -> [(UInt64, Int32)] in
-                let items = q
-                q.removeAll(keepingCapacity: true)
-                return items
-            }
-            for (userData, result) in items { context.requestCompleted(userData: userData, result: result) }
+    }
+
+    /// Takes the finished results (home thread, from the notifier's handler).
+    func takeResults() -> [(UInt64, Int32)] {
+        done.withLock { q in
+            let items = q
+            q.removeAll(keepingCapacity: true)
+            return items
         }
     }
 
@@ -98,8 +102,12 @@ final class WorkerPool: Sendable {
     }
 
     func finish(_ userData: UInt64, _ result: Int32) {
-        done.items.withLock { $0.append((userData, result)) }
-        completionBH.schedule()
+        let wasEmpty = done.withLock { q -> Bool in
+            q.append((userData, result))
+            return q.count == 1
+        }
+        // Results appended after this and before the handler takes them ride on this wake-up.
+        if wasEmpty { notifier.set() }
     }
 
     func perform(_ request: IORequest) -> Int32 {
@@ -120,7 +128,8 @@ final class WorkerPool: Sendable {
         }
     }
 
-    /// Stops and joins the workers. Called by the context's deinit (any thread but a worker).
+    /// Stops and joins the workers. Called by the context's deinit (never on a worker: the
+    /// workers hold no reference to the context).
     func shutdown() {
         let workers = state.withLock { s -> [pthread_t] in
             s.stopping = true
@@ -128,7 +137,6 @@ final class WorkerPool: Sendable {
         }
         for _ in workers { sem_post(semaphore) }
         for t in workers { pthread_join(t, nil) }
-        completionBH.delete()
         sem_destroy(semaphore)
         semaphore.deallocate()
     }
