@@ -7,7 +7,12 @@ import Uring
 
 /// The backends every conformance test runs on: io_uring where the kernel allows it, and
 /// always epoll.
-let backends: [AioContext.Backend] = UringProbe.check().isAvailable ? [.ioUring, .epoll] : [.epoll]
+/// `DATAPLANE_FDMON=epoll` runs the suite as a machine without io_uring would.
+let backends: [AioContext.Backend] = {
+    if let v = getenv("DATAPLANE_FDMON"), String(cString: v) == "epoll" { return [.epoll] }
+    if let v = getenv("DATAPLANE_FDMON"), String(cString: v) == "io_uring" { return [.ioUring] }
+    return UringProbe.check().isAvailable ? [.ioUring, .epoll] : [.epoll]
+}()
 
 /// A value touched only on one thread (the test's, which is the context's home thread).
 /// `@unchecked Sendable`: the callbacks that capture it run on that same thread.
@@ -23,14 +28,27 @@ func makeContext(_ backend: AioContext.Backend) throws -> AioContext {
     return ctx
 }
 
-/// Open file descriptors of this process.
-func openFileDescriptorCount() -> Int {
+/// Open file descriptors of this process whose target contains one of `kinds` (all if
+/// empty), e.g. "eventfd", "io_uring", "eventpoll" for the anonymous inodes a context owns.
+func openFileDescriptorCount(kinds: [String] = []) -> Int {
     guard let dir = opendir("/proc/self/fd") else { return -1 }
     defer { closedir(dir) }
     var n = 0
-    while readdir(dir) != nil { n += 1 }
-    return n - 3  // ".", ".." and the directory's own fd
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+        guard name != "." && name != ".." else { continue }
+        if kinds.isEmpty { n += 1; continue }
+        var target = [CChar](repeating: 0, count: 256)
+        let len = readlink("/proc/self/fd/\(name)", &target, 255)
+        guard len > 0 else { continue }
+        let text = String(decoding: target[0..<len].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        if kinds.contains(where: { text.contains($0) }) { n += 1 }
+    }
+    return n
 }
+
+/// The kinds of descriptor an AioContext creates.
+let contextDescriptorKinds = ["eventfd", "io_uring", "eventpoll"]
 
 /// A thread that owns a context and runs its loop until stopped, for cross-thread tests
 /// (a minimal IOThread).

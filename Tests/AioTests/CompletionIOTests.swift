@@ -1,0 +1,117 @@
+import Glibc
+import Testing
+
+@testable import Aio
+
+/// A temporary file with known contents, removed on deinit.
+final class TemporaryFile {
+    let path: String
+    let fd: Int32
+
+    init(bytes: [UInt8]) throws {
+        var template = Array("/tmp/dataplane-test-XXXXXX".utf8CString)
+        fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd >= 0 else { throw AioError.syscall("mkstemp", errno: errno) }
+        path = String(cString: template)
+        let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+        precondition(n == bytes.count)
+    }
+
+    deinit {
+        close(fd)
+        unlink(path)
+    }
+}
+
+/// Polls until `done` or 10 s pass.
+func run(_ ctx: AioContext, until done: () -> Bool) {
+    let deadline = monotonicNanoseconds() + 10_000_000_000
+    while !done() && monotonicNanoseconds() < deadline { ctx.poll(blocking: true) }
+}
+
+@Suite("Completion I/O on the context's ring")
+struct CompletionIOTests {
+    @Test("reads of a real file return the right bytes at the right offsets", arguments: backends)
+    func readsReturnFileBytes(_ backend: AioContext.Backend) throws {
+        let contents = (0..<16384).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
+        let file = try TemporaryFile(bytes: contents)
+        let ctx = try makeContext(backend)
+        let buffers = (0..<4).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096) }
+        defer { buffers.forEach { $0.deallocate() } }
+        let results = Local<[Int: Int32]>([:])
+        for (i, offset) in [12288, 0, 8192, 4096].enumerated() {
+            ctx.submit(.read(fd: file.fd, buffer: buffers[i], offset: UInt64(offset))) { results.value[offset] = $0 }
+        }
+        #expect(ctx.pendingRequests == 4)
+        run(ctx) { results.value.count == 4 }
+        #expect(results.value == [0: 4096, 4096: 4096, 8192: 4096, 12288: 4096])
+        for (i, offset) in [12288, 0, 8192, 4096].enumerated() {
+            #expect(Array(buffers[i]) == Array(contents[offset..<offset + 4096]))
+        }
+        #expect(ctx.pendingRequests == 0)
+    }
+
+    @Test("a write then an fsync then a read round-trips through the file", arguments: backends)
+    func writeFsyncRead(_ backend: AioContext.Backend) throws {
+        let file = try TemporaryFile(bytes: [UInt8](repeating: 0, count: 8192))
+        let ctx = try makeContext(backend)
+        let out = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
+        let back = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { out.deallocate(); back.deallocate() }
+        for i in 0..<4096 { out[i] = UInt8(truncatingIfNeeded: i ^ 0x5a) }
+        let steps = Local<[String]>([])
+        ctx.submit(.write(fd: file.fd, buffer: UnsafeRawBufferPointer(out), offset: 4096)) { rc in
+            steps.value.append("write \(rc)")
+            ctx.submit(.fsync(fd: file.fd, dataOnly: true)) { rc in
+                steps.value.append("fsync \(rc)")
+                ctx.submit(.read(fd: file.fd, buffer: back, offset: 4096)) { rc in steps.value.append("read \(rc)") }
+            }
+        }
+        run(ctx) { steps.value.count == 3 }
+        #expect(steps.value == ["write 4096", "fsync 0", "read 4096"])
+        #expect(Array(back) == Array(out))
+    }
+
+    @Test("a failing request reports its errno to the callback", arguments: backends)
+    func failingRequestReportsErrno(_ backend: AioContext.Backend) throws {
+        let ctx = try makeContext(backend)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 8)
+        defer { buffer.deallocate() }
+        let result = Local<Int32?>(nil)
+        ctx.submit(.read(fd: -1, buffer: buffer, offset: 0)) { result.value = $0 }
+        run(ctx) { result.value != nil }
+        #expect(result.value == -EBADF)
+    }
+
+    @Test("a nop completes with 0 and a timeout with -ETIME, after its delay", arguments: backends)
+    func nopAndTimeout(_ backend: AioContext.Backend) throws {
+        let ctx = try makeContext(backend)
+        let order = Local<[String]>([])
+        let start = monotonicNanoseconds()
+        let timedOutAfter = Local<Int64>(0)
+        ctx.submit(.timeout(nanoseconds: 20_000_000)) { rc in
+            order.value.append("timeout \(rc)")
+            timedOutAfter.value = monotonicNanoseconds() - start
+        }
+        ctx.submit(.nop) { rc in order.value.append("nop \(rc)") }
+        run(ctx) { order.value.count == 2 }
+        #expect(order.value == ["nop 0", "timeout \(-ETIME)"])
+        #expect(timedOutAfter.value >= 19_000_000)
+        #expect(!ctx.poll(blocking: false))
+    }
+
+    @Test("completions are progress; a completion callback may submit again", arguments: backends)
+    func completionIsProgress(_ backend: AioContext.Backend) throws {
+        let ctx = try makeContext(backend)
+        let n = Local(0)
+        @Sendable func again(_ rc: Int32) {
+            n.value += 1
+            if n.value < 100 { ctx.submit(.nop, again) }
+        }
+        ctx.submit(.nop, again)
+        run(ctx) { n.value == 100 }
+        #expect(n.value == 100)
+        #expect(ctx.statistics.completions == 100)
+        #expect(!ctx.poll(blocking: false))
+    }
+}
