@@ -11,6 +11,7 @@ let package = Package(
     products: [
         .library(name: "Aio", targets: ["Aio"]),
         .library(name: "Uring", targets: ["Uring"]),
+        .library(name: "IOThreads", targets: ["IOThreads"]),
         .executable(name: "dataplane", targets: ["dataplane"]),
     ],
     dependencies: [
@@ -28,13 +29,15 @@ let package = Package(
         // System calls Glibc does not import (gettid, epoll_pwait2, thread names).
         .target(name: "CShims"),
         .target(name: "Aio", dependencies: ["Uring", "CShims"], swiftSettings: strict),
+        .target(name: "IOThreads", dependencies: ["Aio", "CShims"], swiftSettings: strict),
         .executableTarget(
             name: "dataplane",
-            dependencies: ["Aio", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["Aio", "IOThreads", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict
         ),
         .testTarget(name: "UringTests", dependencies: ["Uring"], swiftSettings: strict),
         .testTarget(name: "AioTests", dependencies: ["Aio", "Uring"], swiftSettings: strict),
+        .testTarget(name: "IOThreadsTests", dependencies: ["IOThreads", "Aio"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
 )

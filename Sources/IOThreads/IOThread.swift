@@ -1,0 +1,169 @@
+// IOThread: a real thread that owns and runs one AioContext (QEMU iothread.c).
+//
+// Design note. The thread is a plain joinable pthread named "IO <id>". It creates its
+// context itself, so the io_uring ring is created (SINGLE_ISSUER) and only ever entered
+// by the thread that submits to it (../shared/spec/PITFALLS.md item 4: requests belong to
+// their submitter), which QEMU's merged code does not do (it creates the context on the
+// main thread). `start` returns once the thread runs and its kernel thread id is known.
+// `stop` schedules a one-shot BH that ends the loop, then joins; the context is destroyed
+// on the IOThread before it exits. Properties may be changed while it runs; poll
+// parameters take effect on the loop's next iteration.
+import Aio
+import CShims
+import Glibc
+import Synchronization
+
+/// A thread running one ``AioContext`` loop until stopped.
+///
+/// `@unchecked Sendable`: `context` and `threadID` are written by the new thread before it
+/// posts `started`, which the creating thread waits for (sem_post/sem_wait order them), and
+/// only read afterwards; `properties` and `state` are behind mutexes; `jobs` (the executor
+/// queue) is behind its own mutex.
+public final class IOThread: @unchecked Sendable {
+    /// The object id (`-object iothread,id=…`).
+    public let id: String
+    /// The loop this thread runs. Its thread-safe entry points may be used from anywhere.
+    public private(set) var context: AioContext!
+    /// The kernel thread id (what `query-iothreads` reports as `thread-id`).
+    public private(set) var threadID: Int32 = -1
+
+    let props: Mutex<IOThreadProperties>
+    let state = Mutex(State())
+    var thread = pthread_t()
+    let startup: UnsafeMutablePointer<sem_t>
+    var startError: AioError?
+    // The loop's own flag; only the IOThread reads and writes it (the stop BH clears it).
+    nonisolated(unsafe) var running = true
+    // Executor support (IOThread+Executor.swift).
+    let jobs = Mutex<[UnownedJob]>([])
+    nonisolated(unsafe) var spareJobs: [UnownedJob] = []
+    var jobBH: BottomHalf!
+
+    struct State {
+        var stopping = false
+        var joined = false
+    }
+
+    /// Creates the IOThread and starts its thread; returns once the loop runs.
+    /// - Parameters:
+    ///   - id: a well-formed object id (a letter, then letters, digits, `-`, `.`, `_`).
+    ///   - properties: QEMU's iothread properties (validated as QEMU validates them).
+    ///   - cpuAffinity: CPUs to pin the thread to (default: inherit, as QEMU does).
+    ///   - backend: the context's fd-monitoring backend.
+    /// - Throws: ``IOThreadError`` for a bad id or value, or when the kernel refuses the
+    ///   thread or its context (nothing is left behind then).
+    public init(
+        id: String, properties: IOThreadProperties = IOThreadProperties(), cpuAffinity: [Int]? = nil,
+        backend: AioContext.Backend = .automatic
+    ) throws(IOThreadError) {
+        guard isWellFormedObjectID(id) else {
+            throw IOThreadError(.invalidID, "Parameter 'id' expects an identifier")
+        }
+        try properties.validate()
+        self.id = id
+        self.props = Mutex(properties)
+        self.startup = .allocate(capacity: 1)
+        sem_init(startup, 0, 0)
+
+        final class Start {
+            let thread: IOThread
+            let affinity: [Int]?
+            let backend: AioContext.Backend
+            init(_ t: IOThread, _ a: [Int]?, _ b: AioContext.Backend) { thread = t; affinity = a; backend = b }
+        }
+        let start = Unmanaged.passRetained(Start(self, cpuAffinity, backend)).toOpaque()
+        let rc = pthread_create(&thread, nil, { arg in
+            let start = Unmanaged<Start>.fromOpaque(arg!).takeRetainedValue()
+            start.thread.run(affinity: start.affinity, backend: start.backend)
+            return nil
+        }, start)
+        guard rc == 0 else {
+            Unmanaged<Start>.fromOpaque(start).release()
+            sem_destroy(startup)
+            startup.deallocate()
+            throw IOThreadError(.resource, "Failed to create thread for iothread '\(id)': \(String(cString: strerror(rc)))")
+        }
+        while sem_wait(startup) != 0 {}
+        if let error = startError {
+            pthread_join(thread, nil)
+            state.withLock { $0.joined = true }
+            throw IOThreadError(.resource, "Failed to create AioContext for iothread '\(id)': \(error.message)")
+        }
+    }
+
+    deinit {
+        stop()
+        sem_destroy(startup)
+        startup.deallocate()
+    }
+
+    /// The thread's body: name, affinity, context, loop, teardown — all on this thread.
+    func run(affinity: [Int]?, backend: AioContext.Backend) {
+        _ = dp_set_thread_name("IO \(id)")
+        if let affinity { _ = affinity.map(Int32.init).withUnsafeBufferPointer { dp_set_affinity($0.baseAddress, Int32($0.count)) } }
+        do {
+            let ctx = try AioContext(backend: backend)
+            ctx.setPollParameters(props.withLock { $0.pollParameters })
+            context = ctx
+            jobBH = ctx.makeBottomHalf(name: "iothread-executor") { [unowned self] in self.runJobs() }
+        } catch {
+            startError = error
+            sem_post(startup)
+            return
+        }
+        threadID = dp_gettid()
+        sem_post(startup)
+        while running { context.poll(blocking: true) }
+        // Jobs enqueued after the stop BH ran are dropped with the loop, as BHs are.
+        jobBH.delete()
+        // Let the context go on its own thread: its ring belongs to this thread.
+        context = nil
+    }
+
+    /// Stops the loop and joins the thread. Idempotent. Must not be called from the IOThread
+    /// itself (it joins).
+    public func stop() {
+        let first = state.withLock { s -> Bool in
+            if s.stopping || s.joined { return false }
+            s.stopping = true
+            return true
+        }
+        guard first else { return }
+        precondition(pthread_equal(pthread_self(), thread) == 0,
+                     "BUG DETECTED: IOThread '\(id)' stopped from its own thread (stop joins it)")
+        // Read `context` before the loop ends: the thread clears it on its way out.
+        let ctx = context!
+        ctx.scheduleOneShot(name: "iothread-stop") { [unowned(unsafe) self] in self.running = false }
+        pthread_join(thread, nil)
+        state.withLock { $0.joined = true }
+    }
+
+    /// Whether the thread has been stopped.
+    public var isStopped: Bool { state.withLock { $0.stopping || $0.joined } }
+
+    // MARK: - Properties
+
+    /// The current properties.
+    public var properties: IOThreadProperties { props.withLock { $0 } }
+
+    /// Sets a property by its QEMU name (`poll-max-ns`, `poll-grow`, `poll-shrink`,
+    /// `aio-max-batch`, `thread-pool-min`, `thread-pool-max`). Thread-safe; the poll
+    /// parameters take effect on the loop's next iteration (every handler's window restarts
+    /// from 0, as in QEMU). On error nothing changes (QEMU keeps a rejected value in the
+    /// object; we do not).
+    public func setProperty(_ name: String, to value: Int64) throws(IOThreadError) {
+        let poll = try props.withLock { p throws(IOThreadError) -> PollParameters? in
+            try p.set(name, to: value)
+            return name.hasPrefix("poll-") ? p.pollParameters : nil
+        }
+        if let poll, let ctx = context { ctx.setPollParameters(poll) }
+    }
+
+    /// Reads a property by its QEMU name.
+    public func property(_ name: String) throws(IOThreadError) -> Int64 {
+        try props.withLock { p throws(IOThreadError) in try p.value(of: name) }
+    }
+
+    /// The context's counters (thread-safe).
+    public var statistics: AioStatistics { context.statistics }
+}
