@@ -1,1 +1,10 @@
-print("dataplane")
+import ArgumentParser
+
+@main
+struct Dataplane: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dataplane",
+        abstract: "QEMU-style IOThreads on io_uring, in Swift.",
+        subcommands: [Demo.self]
+    )
+}
