@@ -1,0 +1,27 @@
+# Dataplane: `make test` and `make demo` are the two commands; `make deps` installs what they need.
+.PHONY: test demo deps clean
+
+test: deps
+	swift build --build-tests
+	@echo "== tests on the default backend"
+	swift test
+	@echo "== tests with DATAPLANE_FDMON=epoll"
+	DATAPLANE_FDMON=epoll swift test
+
+demo: deps
+	swift run -c release dataplane demo
+
+# liburing-dev (with pkg-config, through which SwiftPM finds it) and a Swift toolchain.
+deps:
+	@command -v swift >/dev/null 2>&1 || { echo "swift is not on PATH: install Swift 6.1+ (e.g. export PATH=/opt/swift/usr/bin:\$$PATH)"; exit 1; }
+	@if ! pkg-config --exists liburing 2>/dev/null; then \
+	  if [ "$$(id -u)" -eq 0 ]; then \
+	    echo "== installing liburing-dev and pkg-config"; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y liburing-dev pkg-config; \
+	  else \
+	    echo "liburing-dev is missing: run sudo apt-get install -y liburing-dev pkg-config"; exit 1; \
+	  fi; \
+	fi
+
+clean:
+	rm -rf .build
