@@ -35,7 +35,7 @@ let package = Package(
             dependencies: ["Aio", "IOThreads", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict
         ),
-        .testTarget(name: "UringTests", dependencies: ["Uring"], swiftSettings: strict),
+        .testTarget(name: "UringTests", dependencies: ["Uring", "CShims"], swiftSettings: strict),
         .testTarget(name: "AioTests", dependencies: ["Aio", "Uring"], swiftSettings: strict),
         .testTarget(name: "IOThreadsTests", dependencies: ["IOThreads", "Aio"], swiftSettings: strict),
     ],
