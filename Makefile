@@ -7,6 +7,8 @@ test: deps
 	swift test
 	@echo "== tests with DATAPLANE_FDMON=epoll"
 	DATAPLANE_FDMON=epoll swift test
+	@echo "== tests under the thread sanitizer"
+	swift test --sanitize=thread --scratch-path .build-tsan
 
 demo: deps
 	swift run -c release dataplane demo
@@ -24,4 +26,4 @@ deps:
 	fi
 
 clean:
-	rm -rf .build
+	rm -rf .build .build-tsan

@@ -33,7 +33,7 @@ public enum IORequest {
 /// notifiers, timers, completion I/O and adaptive polling, on io_uring or epoll.
 ///
 /// `@unchecked Sendable`: the thread-safe entry points touch only atomics (`notifyMe`,
-/// `notified`, `bhList`, the statistics, the poll parameters) or state behind a `Mutex`
+/// `notified`, `bhList`, the statistics, the poll parameters) or state behind a `Locked` mutex
 /// (`timerHeaps`, `pendingChanges`, `liveBottomHalves`); every other stored property is
 /// confined to the home thread, which each home-thread entry point checks.
 public final class AioContext: @unchecked Sendable {
@@ -85,10 +85,10 @@ public final class AioContext: @unchecked Sendable {
     let notified = Atomic<Bool>(false)
     /// The lock-free list of scheduled bottom halves (newest first).
     let bhList = Atomic<Unmanaged<BottomHalf>?>(nil)
-    let timerHeaps = Mutex(TimerHeaps())
-    let pendingChanges = Mutex<[(Int32, FdHandler?)]>([])
+    let timerHeaps = Locked(TimerHeaps())
+    let pendingChanges = Locked<[(Int32, FdHandler?)]>([])
     let hasPendingChanges = Atomic<Bool>(false)
-    let liveBottomHalves = Mutex<[ObjectIdentifier: String]>([:])
+    let liveBottomHalves = Locked<[ObjectIdentifier: String]>([:])
     let pollMaxNs = Atomic<Int64>(0)
     let pollGrow = Atomic<Int64>(0)
     let pollShrink = Atomic<Int64>(0)

@@ -31,9 +31,9 @@ final class WorkerPool: Sendable {
         var stopping = false
     }
 
-    let state = Mutex(State())
+    let state = Locked(State())
     /// Results waiting for the home thread.
-    let done = Mutex<[(UInt64, Int32)]>([])
+    let done = Locked<[(UInt64, Int32)]>([])
     /// Set by a worker when it put the first result on an empty done queue.
     let notifier: EventNotifier
     /// Counts jobs (and stop tokens) for the workers to take. Heap-allocated: a sem_t must

@@ -27,15 +27,15 @@ public final class IOThread: @unchecked Sendable {
     /// The kernel thread id (what `query-iothreads` reports as `thread-id`).
     public private(set) var threadID: Int32 = -1
 
-    let props: Mutex<IOThreadProperties>
-    let state = Mutex(State())
+    let props: Locked<IOThreadProperties>
+    let state = Locked(State())
     var thread = pthread_t()
     let startup: UnsafeMutablePointer<sem_t>
     var startError: AioError?
     // The loop's own flag; only the IOThread reads and writes it (the stop BH clears it).
     nonisolated(unsafe) var running = true
     // Executor support (IOThread+Executor.swift).
-    let jobs = Mutex<[UnownedJob]>([])
+    let jobs = Locked<[UnownedJob]>([])
     nonisolated(unsafe) var spareJobs: [UnownedJob] = []
     var jobBH: BottomHalf!
 
@@ -61,7 +61,7 @@ public final class IOThread: @unchecked Sendable {
         }
         try properties.validate()
         self.id = id
-        self.props = Mutex(properties)
+        self.props = Locked(properties)
         self.startup = .allocate(capacity: 1)
         sem_init(startup, 0, 0)
 

@@ -1,10 +1,11 @@
+import Aio
 import Synchronization
 
 /// IOThreads by id (QEMU's `/objects` container for `iothread` objects). Thread-safe.
 public final class IOThreadRegistry: Sendable {
-    let threads = Mutex<[String: IOThread]>([:])
+    let threads = Locked<[String: IOThread]>([:])
     /// Creation order, for listings in the order QEMU shows them.
-    let order = Mutex<[String]>([])
+    let order = Locked<[String]>([])
 
     public init() {}
 

@@ -312,7 +312,7 @@ struct MultiThreadConformanceTests {
     func lifecycle(_ backend: AioContext.Backend) throws {
         let threads = (0..<5).map { _ in LoopThread(backend: backend) }
         let ran = Atomic<Int>(0)
-        let ranOn = Mutex<[Bool]>([])
+        let ranOn = Locked<[Bool]>([])
         for t in threads {
             let ctx = t.context!
             t.sync {

@@ -10,7 +10,7 @@ struct NotifyTests {
           .timeLimit(.minutes(1)), arguments: backends)
     func burstWakesOnce(_ backend: AioContext.Backend) throws {
         let ran = Atomic<Int>(0)
-        let ctxBox = Mutex<AioContext?>(nil)
+        let ctxBox = Locked<AioContext?>(nil)
         let polled = Atomic<Bool>(false)
         let burstDone = Atomic<Bool>(false)
         let count = 1000

@@ -54,7 +54,7 @@ let contextDescriptorKinds = ["eventfd", "io_uring", "eventpoll"]
 /// (a minimal IOThread).
 final class LoopThread: @unchecked Sendable {
     // @unchecked: `context` is written once by the thread before `ready` is signalled
-    // (Mutex release/acquire) and only read afterwards; `stop` is atomic.
+    // (the `ready` flag's release/acquire) and only read afterwards; `stop` is atomic.
     var context: AioContext!
     let ready = Atomic<Bool>(false)
     let stop = Atomic<Bool>(false)

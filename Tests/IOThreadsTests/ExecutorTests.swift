@@ -40,7 +40,7 @@ struct ExecutorTests {
     func assumeIsolatedFromBH() async throws {
         let t = try IOThread(id: "assume")
         let counter = Counter(on: t)
-        let result = Mutex<Int?>(nil)
+        let result = Locked<Int?>(nil)
         t.context.scheduleOneShot {
             let v = counter.assumeIsolated { c in
                 c.value += 41
