@@ -1,5 +1,5 @@
 # Dataplane: `make test` and `make demo` are the two commands; `make deps` installs what they need.
-.PHONY: test demo deps clean
+.PHONY: test demo bench bench-gate deps clean
 
 test: deps
 	swift build --build-tests
@@ -12,6 +12,17 @@ test: deps
 
 demo: deps
 	swift run -c release dataplane demo
+
+# W1, W2, W5 on Dataplane and on the C reference (raw liburing), side by side as ratios.
+bench: deps
+	@mkdir -p Benchmarks/cref/bin
+	cc -O2 -Wall -o Benchmarks/cref/bin/cref Benchmarks/cref/cref.c -luring -lpthread
+	cd Benchmarks && swift run -c release compare cref/bin/cref
+
+# package-benchmark: allocations per operation checked against Benchmarks/Thresholds
+# (0 for an existing BH, a ring nop and the W1 round trip; 2 for a one-shot BH).
+bench-gate: deps
+	cd Benchmarks && swift package benchmark thresholds check --metric mallocCountTotal
 
 # liburing-dev (with pkg-config, through which SwiftPM finds it) and a Swift toolchain.
 deps:
@@ -26,4 +37,4 @@ deps:
 	fi
 
 clean:
-	rm -rf .build .build-tsan
+	rm -rf .build .build-tsan Benchmarks/.build Benchmarks/cref/bin

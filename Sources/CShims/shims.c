@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/prctl.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -35,4 +36,8 @@ int dp_set_affinity(const int *cpus, int count) {
         CPU_SET(cpus[i], &set);
     }
     return -pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+}
+
+int dp_set_timer_slack(unsigned long ns) {
+    return prctl(PR_SET_TIMERSLACK, ns, 0, 0, 0) == 0 ? 0 : -errno;
 }

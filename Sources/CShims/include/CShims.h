@@ -18,6 +18,9 @@ int dp_epoll_pwait2(int epfd, struct epoll_event *events, int maxevents, const s
 /// pthread_setname_np(3) for the calling thread (at most 15 bytes, truncated here).
 int dp_set_thread_name(const char *name);
 
+/// prctl(PR_SET_TIMERSLACK, ns) for the calling thread (variadic in glibc). Returns 0 or -errno.
+int dp_set_timer_slack(unsigned long ns);
+
 /// Pins the calling thread to the given CPUs. Returns 0 or -errno.
 int dp_set_affinity(const int *cpus, int count);
 
