@@ -18,7 +18,10 @@ extension AioContext {
         applyPendingChanges()
         if pollParametersChanged.load(ordering: .acquiring) {
             pollParametersChanged.store(false, ordering: .relaxed)
-            for case let h? in handlerSlots { h.pollNs = 0 }
+            for case let h? in handlerSlots where h.pollNs != 0 {
+                h.pollNs = 0
+                statistics.publishPollWindow(fd: h.fd, ns: 0)
+            }
         }
         let params = pollParameters
         var progress = false
@@ -210,7 +213,11 @@ extension AioContext {
             readyHead += 1
             progress = dispatch(h) || progress
             if params.maxNs != 0 && h.inPollList && !h.deleted {
-                h.pollNs = AdaptivePolling.adjust(current: h.pollNs, blockNs: blockNs, params)
+                let window = AdaptivePolling.adjust(current: h.pollNs, blockNs: blockNs, params)
+                if window != h.pollNs {
+                    h.pollNs = window
+                    statistics.publishPollWindow(fd: h.fd, ns: window)
+                }
             }
         }
         if readyHead == readyHandlers.count && readyHead > 0 {

@@ -323,6 +323,7 @@ public final class AioContext: @unchecked Sendable {
         freeHandlerSlots.append(UserData.slot(h.userData))
         if h.callbacks.poll == nil { pollDisableCount -= 1 }
         if h.inPollList { removeFromPollList(h) }
+        if h.pollNs != 0 { statistics.publishPollWindow(fd: h.fd, ns: nil) }
         monitor.unregister(h)
     }
 

@@ -22,7 +22,21 @@ public final class AioStatistics: Sendable {
     /// loop announced it may block).
     let _eventfdWrites = Atomic<UInt64>(0)
 
+    /// Each handler's current poll window (fd → ns), published by the home thread when a
+    /// window changes (not on every iteration: in the sweet spot it does not change).
+    let _pollWindows = Locked<[Int32: Int64]>([:])
+
     init() {}
+
+    /// The current adaptive-polling window of each handler that has one (fd → ns); the
+    /// context's own eventfd is among them.
+    public var pollWindows: [Int32: Int64] { _pollWindows.withLock { $0 } }
+
+    func publishPollWindow(fd: Int32, ns: Int64?) {
+        _pollWindows.withLock { w in
+            if let ns, ns != 0 { w[fd] = ns } else { w.removeValue(forKey: fd) }
+        }
+    }
 
     /// Loop iterations (`poll(blocking:)` calls, nested ones included).
     public var iterations: UInt64 { _iterations.load(ordering: .relaxed) }

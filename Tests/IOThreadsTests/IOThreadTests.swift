@@ -70,6 +70,41 @@ struct IOThreadTests {
         t.stop()  // idempotent
     }
 
+    @Test("a CPU affinity given at creation pins the thread", .timeLimit(.minutes(1)))
+    func affinity() throws {
+        let t = try IOThread(id: "pinned", cpuAffinity: [0])
+        defer { t.stop() }
+        let fd = open("/proc/self/task/\(t.threadID)/status", O_RDONLY)
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: 4096)
+        let n = read(fd, &buf, buf.count)
+        let status = String(decoding: buf[0..<max(0, n)], as: UTF8.self)
+        let line = status.split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") }
+        #expect(line?.split(separator: "\t").last == "0")
+    }
+
+    @Test("statistics are readable from another thread while the loop runs", .timeLimit(.minutes(1)))
+    func statisticsFromAnotherThread() throws {
+        var props = IOThreadProperties()
+        props.pollMaxNs = 1_000_000_000  // every wake-up within 1 s grows a window
+        let t = try IOThread(id: "stats", properties: props)
+        defer { t.stop() }
+        let before = t.statistics.bottomHalvesRun
+        for _ in 0..<10 {
+            let ran = Flag()
+            t.context.scheduleOneShot { ran.set() }
+            #expect(eventually { ran.isSet })
+            usleep(1000)  // the loop goes to sleep; the next BH wakes it through the eventfd
+        }
+        let s = t.statistics
+        #expect(s.bottomHalvesRun - before >= 10)
+        #expect(s.iterations > 0 && s.blockingWaits > 0 && s.blockedNanoseconds > 0)
+        #expect(s.notifierWakeups > 0)
+        #expect(eventually { !t.statistics.pollWindows.isEmpty }, "the context notifier's window grew")
+        #expect(t.statistics.pollWindows.values.allSatisfy { $0 > 0 && $0 <= 1_000_000_000 })
+        if t.context.backendKind == .ioUring { #expect(s.ringEnters > 0) }
+    }
+
     @Test("properties have QEMU's defaults and reach the context live", .timeLimit(.minutes(1)))
     func propertiesApplyLive() throws {
         let t = try IOThread(id: "props")
