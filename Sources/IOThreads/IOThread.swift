@@ -34,6 +34,8 @@ public final class IOThread: @unchecked Sendable {
     var startError: AioError?
     // The loop's own flag; only the IOThread reads and writes it (the stop BH clears it).
     nonisolated(unsafe) var running = true
+    /// Holders (Holders.swift).
+    let holderList = Locked<[String]>([])
     // Executor support (IOThread+Executor.swift).
     let jobs = Locked<[UnownedJob]>([])
     nonisolated(unsafe) var spareJobs: [UnownedJob] = []
@@ -65,16 +67,23 @@ public final class IOThread: @unchecked Sendable {
         self.startup = .allocate(capacity: 1)
         sem_init(startup, 0, 0)
 
+        // The thread refers to the IOThread unretained: whoever drops the last reference
+        // runs deinit, which stops and joins the thread; an IOThread nobody references does
+        // not keep running. (init waits below until the thread has started.)
         final class Start {
-            let thread: IOThread
+            let thread: Unmanaged<IOThread>
             let affinity: [Int]?
             let backend: AioContext.Backend
-            init(_ t: IOThread, _ a: [Int]?, _ b: AioContext.Backend) { thread = t; affinity = a; backend = b }
+            init(_ t: IOThread, _ a: [Int]?, _ b: AioContext.Backend) {
+                thread = Unmanaged.passUnretained(t)
+                affinity = a
+                backend = b
+            }
         }
         let start = Unmanaged.passRetained(Start(self, cpuAffinity, backend)).toOpaque()
         let rc = pthread_create(&thread, nil, { arg in
             let start = Unmanaged<Start>.fromOpaque(arg!).takeRetainedValue()
-            start.thread.run(affinity: start.affinity, backend: start.backend)
+            start.thread._withUnsafeGuaranteedRef { $0.run(affinity: start.affinity, backend: start.backend) }
             return nil
         }, start)
         guard rc == 0 else {
@@ -92,6 +101,8 @@ public final class IOThread: @unchecked Sendable {
     }
 
     deinit {
+        let left = holderList.withLock { $0 }
+        precondition(left.isEmpty, "BUG DETECTED: IOThread '\(id)' destroyed while held by \(left)")
         stop()
         sem_destroy(startup)
         startup.deallocate()

@@ -10,6 +10,8 @@ public struct IOThreadError: Error, Equatable, CustomStringConvertible, Sendable
         case duplicateID
         /// No IOThread with that id.
         case notFound
+        /// The IOThread has holders and cannot be deleted.
+        case inUse
         /// The thread or its context could not be created.
         case resource
     }

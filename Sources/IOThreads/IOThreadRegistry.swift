@@ -43,12 +43,19 @@ public final class IOThreadRegistry: Sendable {
         return threads.withLock { t in ids.compactMap { t[$0] } }
     }
 
-    /// Stops and removes the IOThread with `id`.
-    /// - Throws: ``IOThreadError`` `.notFound` when there is none.
+    /// Stops and removes the IOThread with `id`. One that has holders is refused, with
+    /// QEMU's text for an object in use.
+    /// - Throws: ``IOThreadError`` `.notFound` when there is none, `.inUse` when it is held.
     public func remove(_ id: String) throws(IOThreadError) {
-        guard let thread = threads.withLock({ $0.removeValue(forKey: id) }) else {
-            throw IOThreadError(.notFound, "object '\(id)' not found")
+        let outcome = threads.withLock { t -> Result<IOThread, IOThreadError> in
+            guard let thread = t[id] else { return .failure(IOThreadError(.notFound, "object '\(id)' not found")) }
+            guard thread.holders.isEmpty else {
+                return .failure(IOThreadError(.inUse, "object '\(id)' is in use, can not be deleted"))
+            }
+            t.removeValue(forKey: id)
+            return .success(thread)
         }
+        let thread = try outcome.get()
         order.withLock { $0.removeAll { $0 == id } }
         thread.stop()
     }
