@@ -12,6 +12,7 @@ let package = Package(
         .library(name: "Aio", targets: ["Aio"]),
         .library(name: "Uring", targets: ["Uring"]),
         .library(name: "IOThreads", targets: ["IOThreads"]),
+        .library(name: "Devices", targets: ["Devices"]),
         .executable(name: "dataplane", targets: ["dataplane"]),
     ],
     dependencies: [
@@ -30,6 +31,7 @@ let package = Package(
         .target(name: "CShims"),
         .target(name: "Aio", dependencies: ["Uring", "CShims"], swiftSettings: strict),
         .target(name: "IOThreads", dependencies: ["Aio", "CShims"], swiftSettings: strict),
+        .target(name: "Devices", dependencies: ["IOThreads", "Aio", "CShims"], swiftSettings: strict),
         .executableTarget(
             name: "dataplane",
             dependencies: ["Aio", "IOThreads", .product(name: "ArgumentParser", package: "swift-argument-parser")],
@@ -38,6 +40,7 @@ let package = Package(
         .testTarget(name: "UringTests", dependencies: ["Uring", "CShims"], swiftSettings: strict),
         .testTarget(name: "AioTests", dependencies: ["Aio", "Uring"], swiftSettings: strict),
         .testTarget(name: "IOThreadsTests", dependencies: ["IOThreads", "Aio"], swiftSettings: strict),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "IOThreads", "Aio"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
 )

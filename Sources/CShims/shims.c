@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "CShims.h"
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <sys/prctl.h>
@@ -41,3 +42,5 @@ int dp_set_affinity(const int *cpus, int count) {
 int dp_set_timer_slack(unsigned long ns) {
     return prctl(PR_SET_TIMERSLACK, ns, 0, 0, 0) == 0 ? 0 : -errno;
 }
+
+int dp_o_direct(void) { return O_DIRECT; }

@@ -21,7 +21,19 @@ int dp_set_thread_name(const char *name);
 /// prctl(PR_SET_TIMERSLACK, ns) for the calling thread (variadic in glibc). Returns 0 or -errno.
 int dp_set_timer_slack(unsigned long ns);
 
+/// O_DIRECT (glibc defines it only under _GNU_SOURCE).
+int dp_o_direct(void);
+
 /// Pins the calling thread to the given CPUs. Returns 0 or -errno.
 int dp_set_affinity(const int *cpus, int count);
+
+// Atomic access to shared memory that Swift sees as raw bytes (virtqueue rings shared with a
+// guest thread or another process). Swift's Atomic must own its storage; these work on any
+// suitably aligned address. ThreadSanitizer sees them (they are compiler builtins here).
+static inline unsigned short dp_load_acquire_u16(const unsigned short *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void dp_store_release_u16(unsigned short *p, unsigned short v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline unsigned short dp_load_relaxed_u16(const unsigned short *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void dp_store_relaxed_u16(unsigned short *p, unsigned short v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+static inline void dp_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 #endif
