@@ -17,6 +17,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
     ],
     targets: [
         // liburing, from Debian's liburing-dev. Only `Uring` imports it.
@@ -32,15 +33,21 @@ let package = Package(
         .target(name: "Aio", dependencies: ["Uring", "CShims"], swiftSettings: strict),
         .target(name: "IOThreads", dependencies: ["Aio", "CShims"], swiftSettings: strict),
         .target(name: "Devices", dependencies: ["IOThreads", "Aio", "CShims"], swiftSettings: strict),
+        .target(
+            name: "LoadGen",
+            dependencies: ["Devices", "IOThreads", "Aio", .product(name: "Histogram", package: "hdrhistogram-swift")],
+            swiftSettings: strict
+        ),
         .executableTarget(
             name: "dataplane",
-            dependencies: ["Aio", "IOThreads", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["Aio", "IOThreads", "Devices", "LoadGen", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict
         ),
         .testTarget(name: "UringTests", dependencies: ["Uring", "CShims"], swiftSettings: strict),
         .testTarget(name: "AioTests", dependencies: ["Aio", "Uring"], swiftSettings: strict),
         .testTarget(name: "IOThreadsTests", dependencies: ["IOThreads", "Aio"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "IOThreads", "Aio"], swiftSettings: strict),
+        .testTarget(name: "LoadGenTests", dependencies: ["LoadGen", "Devices", "Aio"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -178,6 +178,17 @@ public final class IOThread: @unchecked Sendable {
         try props.withLock { p throws(IOThreadError) in try p.value(of: name) }
     }
 
+    /// CPU time the thread has used, in ns, from the kernel's per-thread clock
+    /// (`pthread_getcpuclockid`). Thread-safe; 0 once the thread is gone.
+    public var cpuTimeNanoseconds: Int64 {
+        guard !state.withLock({ $0.joined }) else { return 0 }
+        var clock = clockid_t()
+        guard pthread_getcpuclockid(thread, &clock) == 0 else { return 0 }
+        var ts = timespec()
+        guard clock_gettime(clock, &ts) == 0 else { return 0 }
+        return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
+    }
+
     /// The context's counters (thread-safe).
     public var statistics: AioStatistics { context.statistics }
 }

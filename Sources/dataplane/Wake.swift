@@ -4,11 +4,11 @@ import Glibc
 import IOThreads
 import Synchronization
 
-/// `dataplane demo`: the wake-up round trip (workload W1) to an IOThread with adaptive
-/// polling off and on, side by side. The load generator replaces it later.
-struct Demo: ParsableCommand {
+/// `dataplane wake`: the wake-up round trip (workload W1) to an IOThread with adaptive
+/// polling off and on, side by side.
+struct Wake: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Wake an IOThread from another thread, polling off then on, and report the round trip.")
+        abstract: "Wake an IOThread from another thread, polling off then on, and report the round trip (W1).")
 
     @Option(help: "Seconds per setting.")
     var seconds: Double = 3

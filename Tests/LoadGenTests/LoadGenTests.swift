@@ -1,0 +1,108 @@
+import Aio
+import Devices
+import Foundation
+import Glibc
+import Testing
+
+@testable import LoadGen
+
+func shortConfig(_ backend: BlockBackend, _ guest: GuestMode) -> LoadConfig {
+    var c = LoadConfig()
+    c.backend = backend
+    c.guest = guest
+    c.queueDepth = 8
+    c.queueSize = 64
+    c.durationNs = 300_000_000
+    c.warmupNs = 100_000_000
+    c.pollMaxNs = guest == .spinning ? 32768 : 0
+    return c
+}
+
+@Suite("Load generator", .serialized)
+struct LoadGenTests {
+    static let file: String = {
+        var template = Array("/tmp/dataplane-load-XXXXXX".utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        _ = ftruncate(fd, 8 << 20)
+        close(fd)
+        return String(cString: template)
+    }()
+
+    @Test("short runs of every backend and guest mode complete requests, none lost or twice",
+          .timeLimit(.minutes(2)),
+          arguments: [BlockBackend.null, .nop, .file(path: LoadGenTests.file, direct: false), .delay(nanoseconds: 20_000)],
+          GuestMode.allCases)
+    func shortRuns(_ backend: BlockBackend, _ guest: GuestMode) async throws {
+        let r = try await LoadRunner.run(shortConfig(backend, guest))
+        #expect(r.requests.completed > 0)
+        #expect(r.requests.completed == r.requests.submitted)
+        #expect(r.requests.lost == 0 && r.requests.duplicated == 0)
+        #expect(r.iops > 0)
+        #expect(r.latencyNs.p50 > 0 && r.latencyNs.p50 <= r.latencyNs.p99 && r.latencyNs.p99 <= r.latencyNs.max)
+        #expect(r.iothreads.count == 1 && r.iothreads[0].cpuNs > 0)
+    }
+
+    @Test("churn moves devices between IOThreads during the run and loses nothing", .timeLimit(.minutes(2)))
+    func churn() async throws {
+        var c = shortConfig(.null, .blocking)
+        c.iothreads = 2
+        c.devices = 2
+        c.churnIntervalNs = 1_000_000
+        c.durationNs = 500_000_000
+        let r = try await LoadRunner.run(c)
+        #expect((r.churn?.moves ?? 0) > 10)
+        #expect((r.churn?.pauseNs.max ?? 0) > 0)
+        #expect(r.requests.lost == 0 && r.requests.duplicated == 0)
+        #expect(r.requests.completed == r.requests.submitted)
+    }
+
+    @Test("an open loop at a fixed rate issues about that rate", .timeLimit(.minutes(1)))
+    func openLoop() async throws {
+        var c = shortConfig(.null, .blocking)
+        c.rate = 20_000
+        c.durationNs = 500_000_000
+        let r = try await LoadRunner.run(c)
+        #expect(r.iops > 10_000 && r.iops < 30_000)
+        #expect(r.requests.lost == 0)
+    }
+
+    @Test("the JSON has every documented key", .timeLimit(.minutes(1)))
+    func jsonKeys() async throws {
+        var c = shortConfig(.null, .blocking)
+        c.iothreads = 2
+        c.churnIntervalNs = 1_000_000
+        let r = try await LoadRunner.run(c)
+        let object = try JSONSerialization.jsonObject(with: Data(try Report.json(r).utf8)) as! [String: Any]
+        for key in ["iops", "latency_ns", "requests", "iothreads", "machine", "config", "churn"] {
+            #expect(object[key] != nil, "missing \(key)")
+        }
+        let latency = object["latency_ns"] as! [String: Any]
+        #expect(Set(latency.keys) == ["p50", "p90", "p99", "p999", "max"])
+        let requests = object["requests"] as! [String: Any]
+        #expect(Set(requests.keys) == ["submitted", "completed", "lost", "duplicated"])
+        let churn = object["churn"] as! [String: Any]
+        #expect(churn["moves"] != nil && (churn["pause_ns"] as? [String: Any])?["p50"] != nil)
+        #expect((object["iothreads"] as! [Any]).count == 2)
+    }
+
+    @Test("the HTML report is one page with one chart per figure")
+    func htmlStructure() async throws {
+        let r = try await LoadRunner.run(shortConfig(.null, .blocking))
+        let html = Report.html(title: "t <&>", [("a", r), ("b", r)])
+        #expect(html.hasPrefix("<!DOCTYPE html>"))
+        #expect(html.components(separatedBy: "<svg").count - 1 == 5)
+        #expect(html.components(separatedBy: "<rect").count - 1 == 10, "two bars per chart")
+        #expect(html.contains("t &lt;&amp;&gt;"))
+        #expect(html.contains("</html>"))
+    }
+
+    @Test("bad combinations are refused with one line")
+    func validation() {
+        var c = LoadConfig()
+        c.queueDepth = 100
+        #expect(throws: DeviceError("--qd must be in [1, 85] for --queue-size 256 (3 descriptors per request)")) { try c.validate() }
+        c = LoadConfig()
+        c.churnIntervalNs = 1_000_000
+        #expect(throws: DeviceError("--churn needs --iothreads 2 or more (devices move between IOThreads)")) { try c.validate() }
+    }
+}
