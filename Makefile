@@ -1,7 +1,7 @@
 # Dataplane: `make test` and `make demo` are the two commands; `make deps` installs what they need.
 .PHONY: test demo bench bench-gate deps clean
 
-test: deps
+test: deps .venv-qmp/bin/python
 	swift build --build-tests
 	@echo "== tests on the default backend"
 	swift test
@@ -9,6 +9,9 @@ test: deps
 	DATAPLANE_FDMON=epoll swift test
 	@echo "== tests under the thread sanitizer"
 	swift test --sanitize=thread --scratch-path .build-tsan
+	@echo "== end to end: dataplane serve driven by the real qemu.qmp client"
+	swift build --product dataplane
+	.venv-qmp/bin/python Tests/e2e/qmp_e2e.py .build/debug/dataplane
 
 demo: deps
 	swift run -c release dataplane demo
@@ -36,5 +39,10 @@ deps:
 	  fi; \
 	fi
 
+# The real QMP client, from PyPI, in a virtual environment of the project's own.
+.venv-qmp/bin/python:
+	python3 -m venv .venv-qmp || { echo "python3 -m venv failed: install python3-venv (apt-get install -y python3-venv)"; exit 1; }
+	.venv-qmp/bin/pip install -q qemu.qmp
+
 clean:
-	rm -rf .build .build-tsan Benchmarks/.build Benchmarks/cref/bin
+	rm -rf .build .build-tsan .venv-qmp Benchmarks/.build Benchmarks/cref/bin

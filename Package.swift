@@ -33,6 +33,7 @@ let package = Package(
         .target(name: "Aio", dependencies: ["Uring", "CShims"], swiftSettings: strict),
         .target(name: "IOThreads", dependencies: ["Aio", "CShims"], swiftSettings: strict),
         .target(name: "Devices", dependencies: ["IOThreads", "Aio", "CShims"], swiftSettings: strict),
+        .target(name: "QMP", dependencies: ["Devices", "IOThreads", "Aio", "CShims"], swiftSettings: strict),
         .target(
             name: "LoadGen",
             dependencies: ["Devices", "IOThreads", "Aio", .product(name: "Histogram", package: "hdrhistogram-swift")],
@@ -40,13 +41,14 @@ let package = Package(
         ),
         .executableTarget(
             name: "dataplane",
-            dependencies: ["Aio", "IOThreads", "Devices", "LoadGen", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["Aio", "IOThreads", "Devices", "LoadGen", "QMP", "CShims", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strict
         ),
         .testTarget(name: "UringTests", dependencies: ["Uring", "CShims"], swiftSettings: strict),
         .testTarget(name: "AioTests", dependencies: ["Aio", "Uring"], swiftSettings: strict),
         .testTarget(name: "IOThreadsTests", dependencies: ["IOThreads", "Aio"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "IOThreads", "Aio"], swiftSettings: strict),
+        .testTarget(name: "QMPTests", dependencies: ["QMP", "Aio", "IOThreads", "CShims"], swiftSettings: strict),
         .testTarget(name: "LoadGenTests", dependencies: ["LoadGen", "Devices", "Aio"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]

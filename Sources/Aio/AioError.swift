@@ -23,7 +23,8 @@ public struct AioError: Error, Equatable, CustomStringConvertible, Sendable {
         self.message = message
     }
 
-    static func syscall(_ name: String, errno: Int32) -> AioError {
+    /// An error for the system call `name` that failed with `errno`.
+    public static func syscall(_ name: String, errno: Int32) -> AioError {
         AioError(code: errno == EMFILE || errno == ENFILE || errno == ENOMEM ? .resourceUnavailable : .systemCall,
                  errno: errno, message: "\(name): \(String(cString: strerror(errno))) (errno \(errno))")
     }

@@ -1,6 +1,11 @@
 #define _GNU_SOURCE
 #include "CShims.h"
 #include <errno.h>
+#include <signal.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
@@ -44,3 +49,57 @@ int dp_set_timer_slack(unsigned long ns) {
 }
 
 int dp_o_direct(void) { return O_DIRECT; }
+
+int dp_unix_listen(const char *path, int backlog) {
+    struct sockaddr_un addr = { .sun_family = AF_UNIX };
+    if (strlen(path) >= sizeof addr.sun_path) return -ENAMETOOLONG;
+    strcpy(addr.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    struct stat st;
+    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path);
+    mode_t old = umask(0177);  // the socket file is created 0600
+    int rc = bind(fd, (struct sockaddr *)&addr, sizeof addr);
+    int err = errno;
+    umask(old);
+    if (rc < 0 || listen(fd, backlog) < 0) {
+        if (rc >= 0) err = errno;
+        close(fd);
+        return -err;
+    }
+    return fd;
+}
+
+int dp_unix_connect(const char *path) {
+    struct sockaddr_un addr = { .sun_family = AF_UNIX };
+    if (strlen(path) >= sizeof addr.sun_path) return -ENAMETOOLONG;
+    strcpy(addr.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        int err = errno;
+        close(fd);
+        return -err;
+    }
+    return fd;
+}
+
+static volatile int stop_fd = -1;
+static void on_stop_signal(int sig) {
+    (void)sig;
+    uint64_t one = 1;
+    int saved = errno;
+    if (stop_fd >= 0 && write(stop_fd, &one, sizeof one) < 0) {}
+    errno = saved;
+}
+
+void dp_stop_signals_to_eventfd(int fd) {
+    stop_fd = fd;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}

@@ -5,7 +5,7 @@ struct Dataplane: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dataplane",
         abstract: "QEMU-style IOThreads on io_uring, in Swift: a load generator for virtio-blk-like devices.",
-        subcommands: [Demo.self, Load.self, Sweep.self, Wake.self]
+        subcommands: [Demo.self, Load.self, Sweep.self, Serve.self, Wake.self]
     )
 }
 

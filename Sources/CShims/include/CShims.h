@@ -24,6 +24,16 @@ int dp_set_timer_slack(unsigned long ns);
 /// O_DIRECT (glibc defines it only under _GNU_SOURCE).
 int dp_o_direct(void);
 
+/// A listening AF_UNIX stream socket at `path` (non-blocking, close-on-exec), created with
+/// mode 0600. An existing socket file there is replaced. Returns the fd or -errno.
+int dp_unix_listen(const char *path, int backlog);
+
+/// Connects a blocking AF_UNIX stream socket to `path`. Returns the fd or -errno.
+int dp_unix_connect(const char *path);
+
+/// Installs SIGINT and SIGTERM handlers that write 1 to the eventfd `fd` (async-signal-safe).
+void dp_stop_signals_to_eventfd(int fd);
+
 /// Pins the calling thread to the given CPUs. Returns 0 or -errno.
 int dp_set_affinity(const int *cpus, int count);
 
