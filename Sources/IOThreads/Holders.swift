@@ -11,20 +11,34 @@ extension IOThread {
     /// Registers `holder` and returns the hold through which the context is reached.
     /// Thread-safe. The same holder may hold more than once (each hold is released once).
     public func hold(_ holder: String) -> IOThreadHold {
-        precondition(!isStopped, "BUG DETECTED: holder '\(holder)' took IOThread '\(id)' after it was stopped")
-        holderList.withLock { $0.append(holder) }
+        let ok = holderList.withLock { h -> Bool in
+            guard !h.retired && !isStopped else { return false }
+            h.holders.append(holder)
+            return true
+        }
+        precondition(ok, "BUG DETECTED: holder '\(holder)' took IOThread '\(id)' after it was stopped or deleted")
         return IOThreadHold(thread: self, holder: holder)
     }
 
     /// The current holders, in the order they took their holds. Thread-safe.
-    public var holders: [String] { holderList.withLock { $0 } }
+    public var holders: [String] { holderList.withLock { $0.holders } }
+
+    /// Marks the IOThread as going away if nobody holds it (atomically with `hold`), so that
+    /// no hold can slip in between the check and the stop. Returns false if it is held.
+    func retireIfUnheld() -> Bool {
+        holderList.withLock { h in
+            guard h.holders.isEmpty else { return false }
+            h.retired = true
+            return true
+        }
+    }
 
     /// Releases one hold of `holder` by name (the monitor's and the registry's path).
     /// Releasing a holder that does not hold is a programming error: it crashes.
     public func unref(holder: String) {
-        let found = holderList.withLock { list -> Bool in
-            guard let i = list.firstIndex(of: holder) else { return false }
-            list.remove(at: i)
+        let found = holderList.withLock { h -> Bool in
+            guard let i = h.holders.firstIndex(of: holder) else { return false }
+            h.holders.remove(at: i)
             return true
         }
         precondition(found, "BUG DETECTED: holder '\(holder)' released IOThread '\(id)' without holding it")

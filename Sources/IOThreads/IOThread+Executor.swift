@@ -8,6 +8,8 @@ import Synchronization
 
 extension IOThread: SerialExecutor, TaskExecutor {
     public func enqueue(_ job: consuming ExecutorJob) {
+        // A job for a stopped IOThread would never run (its task would hang): say so.
+        precondition(!isStopped, "BUG DETECTED: a job was enqueued on IOThread '\(id)' after it stopped")
         let unowned = UnownedJob(job)
         jobs.withLock { $0.append(unowned) }
         jobBH.schedule()
@@ -24,11 +26,11 @@ extension IOThread: SerialExecutor, TaskExecutor {
     public func isSameExclusiveExecutionContext(other: IOThread) -> Bool { self === other }
 
     public func checkIsolated() {
-        precondition(context?.isOnHomeThread == true,
+        precondition(context.isOnHomeThread,
                      "BUG DETECTED: expected to run on IOThread '\(id)'")
     }
 
-    public func isIsolatingCurrentContext() -> Bool? { context?.isOnHomeThread ?? false }
+    public func isIsolatingCurrentContext() -> Bool? { context.isOnHomeThread }
 
     /// Runs the queued jobs (the executor BH, on the IOThread).
     func runJobs() {

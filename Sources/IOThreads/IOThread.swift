@@ -15,9 +15,9 @@ import Synchronization
 
 /// A thread running one ``AioContext`` loop until stopped.
 ///
-/// `@unchecked Sendable`: `context` and `threadID` are written by the new thread before it
-/// posts `started`, which the creating thread waits for (sem_post/sem_wait order them), and
-/// only read afterwards; `properties` and `state` are behind mutexes; `jobs` (the executor
+/// `@unchecked Sendable`: `context`, `threadID` and `startError` are written once by the new
+/// thread before it posts `startup`, which the creating thread waits for (sem_post/sem_wait
+/// order them), and only read afterwards; `properties` and `state` are behind mutexes; `jobs` (the executor
 /// queue) is behind its own mutex.
 public final class IOThread: @unchecked Sendable {
     /// The object id (`-object iothread,id=…`).
@@ -29,13 +29,21 @@ public final class IOThread: @unchecked Sendable {
 
     let props: Locked<IOThreadProperties>
     let state = Locked(State())
+    /// Serialises stop(); holds how many stops ran (not zero-sized: TSan mis-tracks inout
+    /// access to a zero-sized stored value).
+    let stopLock = Locked(0)
     var thread = pthread_t()
     let startup: UnsafeMutablePointer<sem_t>
-    var startError: AioError?
+    var startError: IOThreadError?
     // The loop's own flag; only the IOThread reads and writes it (the stop BH clears it).
     nonisolated(unsafe) var running = true
     /// Holders (Holders.swift).
-    let holderList = Locked<[String]>([])
+    struct HolderState {
+        var holders: [String] = []
+        /// Set by the registry when it deletes the IOThread: no new hold after that.
+        var retired = false
+    }
+    let holderList = Locked(HolderState())
     // Executor support (IOThread+Executor.swift).
     let jobs = Locked<[UnownedJob]>([])
     nonisolated(unsafe) var spareJobs: [UnownedJob] = []
@@ -88,20 +96,19 @@ public final class IOThread: @unchecked Sendable {
         }, start)
         guard rc == 0 else {
             Unmanaged<Start>.fromOpaque(start).release()
-            sem_destroy(startup)
-            startup.deallocate()
+            state.withLock { $0.joined = true }  // deinit (which runs now) has nothing to stop
             throw IOThreadError(.resource, "Failed to create thread for iothread '\(id)': \(String(cString: strerror(rc)))")
         }
         while sem_wait(startup) != 0 {}
         if let error = startError {
             pthread_join(thread, nil)
             state.withLock { $0.joined = true }
-            throw IOThreadError(.resource, "Failed to create AioContext for iothread '\(id)': \(error.message)")
+            throw error
         }
     }
 
     deinit {
-        let left = holderList.withLock { $0 }
+        let left = holderList.withLock { $0.holders }
         precondition(left.isEmpty, "BUG DETECTED: IOThread '\(id)' destroyed while held by \(left)")
         stop()
         sem_destroy(startup)
@@ -114,42 +121,52 @@ public final class IOThread: @unchecked Sendable {
         // 1 ns of timer slack instead of Linux's 50 µs, as QEMU's init_clocks does: timers and
         // wait timeouts on this thread are µs-scale.
         _ = dp_set_timer_slack(1)
-        if let affinity { _ = affinity.map(Int32.init).withUnsafeBufferPointer { dp_set_affinity($0.baseAddress, Int32($0.count)) } }
+        if let affinity {
+            let rc = affinity.map(Int32.init).withUnsafeBufferPointer { dp_set_affinity($0.baseAddress, Int32($0.count)) }
+            if rc != 0 {
+                startError = IOThreadError(.invalidValue, "cannot pin iothread '\(id)' to CPUs \(affinity): \(String(cString: strerror(-rc)))")
+                sem_post(startup)
+                return
+            }
+        }
         do {
             let ctx = try AioContext(backend: backend)
             ctx.setPollParameters(props.withLock { $0.pollParameters })
             context = ctx
             jobBH = ctx.makeBottomHalf(name: "iothread-executor") { [unowned self] in self.runJobs() }
         } catch {
-            startError = error
+            startError = IOThreadError(.resource, "Failed to create AioContext for iothread '\(id)': \(error.message)")
             sem_post(startup)
             return
         }
         threadID = dp_gettid()
         sem_post(startup)
         while running { context.poll(blocking: true) }
-        // Jobs enqueued after the stop BH ran are dropped with the loop, as BHs are.
+        // Jobs enqueued after the stop BH ran are dropped with the loop, as BHs are. The
+        // context itself stays (it is written once, before start returns, and read from any
+        // thread without a lock) and goes with the IOThread; the ring it owns may be torn
+        // down by any thread.
         jobBH.delete()
-        // Let the context go on its own thread: its ring belongs to this thread.
-        context = nil
     }
 
     /// Stops the loop and joins the thread. Idempotent. Must not be called from the IOThread
     /// itself (it joins).
     public func stop() {
-        let first = state.withLock { s -> Bool in
-            if s.stopping || s.joined { return false }
-            s.stopping = true
-            return true
+        // Serialised: a second caller returns only once the thread has been joined.
+        stopLock.withLock { stops in
+            stops += 1
+            let first = state.withLock { s -> Bool in
+                if s.stopping || s.joined { return false }
+                s.stopping = true
+                return true
+            }
+            guard first else { return }
+            precondition(pthread_equal(pthread_self(), thread) == 0,
+                         "BUG DETECTED: IOThread '\(id)' stopped from its own thread (stop joins it)")
+            context.scheduleOneShot(name: "iothread-stop") { [unowned(unsafe) self] in self.running = false }
+            pthread_join(thread, nil)
+            state.withLock { $0.joined = true }
         }
-        guard first else { return }
-        precondition(pthread_equal(pthread_self(), thread) == 0,
-                     "BUG DETECTED: IOThread '\(id)' stopped from its own thread (stop joins it)")
-        // Read `context` before the loop ends: the thread clears it on its way out.
-        let ctx = context!
-        ctx.scheduleOneShot(name: "iothread-stop") { [unowned(unsafe) self] in self.running = false }
-        pthread_join(thread, nil)
-        state.withLock { $0.joined = true }
     }
 
     /// Whether the thread has been stopped.
@@ -170,7 +187,7 @@ public final class IOThread: @unchecked Sendable {
             try p.set(name, to: value)
             return name.hasPrefix("poll-") ? p.pollParameters : nil
         }
-        if let poll, let ctx = context { ctx.setPollParameters(poll) }
+        if let poll { context.setPollParameters(poll) }
     }
 
     /// Reads a property by its QEMU name.

@@ -44,6 +44,9 @@ public struct IOThreadProperties: Sendable, Equatable {
     /// refused with "`name` value must be in range [0, 9223372036854775807]", and the pool
     /// bounds with "bad thread-pool-min/thread-pool-max values". On error nothing changes.
     public mutating func set(_ name: String, to value: Int64) throws(IOThreadError) {
+        guard IOThreadProperties.names.contains(name) else {
+            throw IOThreadError(.notFound, "Property 'iothread.\(name)' not found")
+        }
         guard value >= 0 else {
             throw IOThreadError(.invalidValue, "\(name) value must be in range [0, \(Int64.max)]")
         }

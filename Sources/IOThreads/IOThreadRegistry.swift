@@ -49,7 +49,7 @@ public final class IOThreadRegistry: Sendable {
     public func remove(_ id: String) throws(IOThreadError) {
         let outcome = threads.withLock { t -> Result<IOThread, IOThreadError> in
             guard let thread = t[id] else { return .failure(IOThreadError(.notFound, "object '\(id)' not found")) }
-            guard thread.holders.isEmpty else {
+            guard thread.retireIfUnheld() else {
                 return .failure(IOThreadError(.inUse, "object '\(id)' is in use, can not be deleted"))
             }
             t.removeValue(forKey: id)

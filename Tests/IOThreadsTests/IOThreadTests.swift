@@ -83,6 +83,31 @@ struct IOThreadTests {
         #expect(line?.split(separator: "\t").last == "0")
     }
 
+    @Test("an impossible CPU affinity fails creation with a clear error, leaving nothing behind")
+    func badAffinity() {
+        #expect(throws: IOThreadError.self) { _ = try IOThread(id: "nowhere", cpuAffinity: [100_000]) }
+    }
+
+    @Test("two threads stopping at once both return after the join", .timeLimit(.minutes(1)))
+    func concurrentStop() throws {
+        let t = try IOThread(id: "twice")
+        let tid = t.threadID
+        let done = Flag()
+        let other = Box<pthread_t>(pthread_t())
+        final class Arg: @unchecked Sendable { let t: IOThread; let f: Flag; init(_ t: IOThread, _ f: Flag) { self.t = t; self.f = f } }
+        pthread_create(&other.value, nil, { a in
+            let arg = Unmanaged<Arg>.fromOpaque(a!).takeRetainedValue()
+            arg.t.stop()
+            arg.f.set()
+            return nil
+        }, Unmanaged.passRetained(Arg(t, done)).toOpaque())
+        t.stop()
+        // Whichever call came second, the thread is gone when it returns.
+        #expect(access("/proc/self/task/\(tid)", F_OK) != 0)
+        pthread_join(other.value, nil)
+        #expect(done.isSet)
+    }
+
     @Test("statistics are readable from another thread while the loop runs", .timeLimit(.minutes(1)))
     func statisticsFromAnotherThread() throws {
         var props = IOThreadProperties()
@@ -138,7 +163,9 @@ struct IOThreadTests {
         try p.set("thread-pool-max", to: 8)
         try p.set("thread-pool-min", to: 8)
         #expect(p.threadPoolMin == 8 && p.threadPoolMax == 8)
-        #expect(throws: IOThreadError.self) { try p.set("no-such-property", to: 1) }
+        #expect(throws: IOThreadError(.notFound, "Property 'iothread.no-such-property' not found")) {
+            try p.set("no-such-property", to: -1)
+        }
 
         var bad = IOThreadProperties()
         bad.pollGrow = -1
