@@ -226,7 +226,7 @@ struct WakeupCountingTests {
             usleep(500)
             roundTrip()
         }
-        // Measure: the client thinks 1 µs, schedules, waits for the BH. A round in which the
+        // Measure: the client thinks 20 µs (so the loop is in its poll window), schedules, waits. A round in which the
         // client or the loop was preempted for longer than the window may legitimately sleep
         // and be woken; those rounds are reported, not counted.
         let stats = t.statistics
@@ -235,7 +235,7 @@ struct WakeupCountingTests {
         var slowRounds = 0
         let rounds = 2000
         for _ in 0..<rounds {
-            let think = monotonicNanoseconds() + 1000
+            let think = monotonicNanoseconds() + 20_000  // longer than an iteration, even under TSan
             while monotonicNanoseconds() < think {}
             let w0 = stats.eventfdWrites
             let t0 = monotonicNanoseconds()
