@@ -1,5 +1,5 @@
 # Dataplane: `make test` and `make demo` are the two commands; `make deps` installs what they need.
-.PHONY: test demo bench bench-gate deps clean
+.PHONY: test demo bench bench-gate fuzz deps clean
 
 test: deps .venv-qmp/bin/python
 	swift build --build-tests
@@ -26,6 +26,14 @@ bench: deps
 # (0 for an existing BH, a ring nop and the W1 round trip; 2 for a one-shot BH).
 bench-gate: deps
 	cd Benchmarks && swift package benchmark thresholds check --metric mallocCountTotal
+
+# libFuzzer over the monitor's JSON stream, parser and serializer; FUZZ_SECONDS bounds it.
+FUZZ_SECONDS ?= 60
+fuzz:
+	@mkdir -p .build-fuzz/corpus
+	swiftc -O -sanitize=fuzzer,address -parse-as-library -module-name QMPFuzz \
+	  Sources/QMP/JSON.swift Sources/QMP/JSONStream.swift Fuzz/QMPStreamFuzz.swift -o .build-fuzz/qmp-stream-fuzz
+	.build-fuzz/qmp-stream-fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 .build-fuzz/corpus Fuzz/corpus
 
 # liburing-dev (with pkg-config, through which SwiftPM finds it) and a Swift toolchain.
 deps:

@@ -96,6 +96,12 @@ public struct JSONStream {
             return
         }
         if inString {
+            if b < 0x20 || b == 0xFE || b == 0xFF {
+                // A raw control character cannot be in a JSON string: the message is dropped
+                // with an error, and the character resynchronises as the spec's reset does.
+                fail("JSON parse error, stray '\\u" + JSON.hex4(UInt32(b)) + "' in string", &out)
+                return
+            }
             buffer.append(b)
             if escaped {
                 escaped = false

@@ -69,6 +69,15 @@ struct JSONStreamTests {
         #expect(values("{\"execute\": \u{1b}{\"execute\":\"x\"}") == [.value(.object([("execute", .string("x"))]))])
     }
 
+    @Test("a control character inside an open string is an error and resynchronises (found by fuzzing)")
+    func controlInString() {
+        // Misaligned quotes leave a string open at the end of the input; the reset must
+        // still reach the parser.
+        let out = values(#"{"t"":true,"f":false}"# + "\u{1b}" + #"{"execute":"q"}"#, chunk: 4)
+        #expect(out.first == .error("JSON parse error, stray '\\u001b' in string"))
+        #expect(out.last == .value(.object([("execute", .string("q"))])))
+    }
+
     @Test("output is ASCII with \\u escapes, QEMU's separators, and integers stay integers")
     func serialization() {
         let v = JSON.object([("desc", .string("é\"\n😀")), ("n", .int(-5)), ("u", .uint(UInt64.max)), ("a", .array([.bool(true), .null]))])

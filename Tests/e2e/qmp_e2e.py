@@ -165,6 +165,31 @@ async def main(binary):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+    # SIGTERM (as Ctrl-C's SIGINT) stops a server cleanly too, with a device attached.
+    proc = subprocess.Popen([binary, "serve", "--qmp", path, "--iothread", "iot1"])
+    try:
+        for _ in range(200):
+            if os.path.exists(path):
+                break
+            time.sleep(0.05)
+        qmp = QMPClient("e2e-term")
+        await qmp.connect(path)
+        await qmp.execute("device_add", {"driver": "virtio-blk", "id": "disk1", "iothread": "iot1", "backend": "delay:1ms"})
+        threads = await qmp.execute("query-iothreads")
+        check("--iothread creates an IOThread at start", [t["id"] for t in threads] == ["iot1"], threads)
+        proc.terminate()
+        rc = proc.wait(timeout=20)
+        check("SIGTERM stops the server cleanly (devices drained, IOThreads joined)", rc == 0, rc)
+        check("and removes the socket", not os.path.exists(path))
+        try:
+            await qmp.disconnect()
+        except Exception:
+            pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     print(f"e2e: {passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 
