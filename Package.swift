@@ -45,9 +45,9 @@ let package = Package(
             swiftSettings: strict
         ),
         .testTarget(name: "UringTests", dependencies: ["Uring", "CShims"], swiftSettings: strict),
-        .testTarget(name: "AioTests", dependencies: ["Aio", "Uring"], swiftSettings: strict),
+        .testTarget(name: "AioTests", dependencies: ["Aio", "Uring", "CShims"], swiftSettings: strict),
         .testTarget(name: "IOThreadsTests", dependencies: ["IOThreads", "Aio"], swiftSettings: strict),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "IOThreads", "Aio"], swiftSettings: strict),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "IOThreads", "Aio", "CShims"], swiftSettings: strict),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "Aio", "IOThreads", "CShims"], swiftSettings: strict),
         .testTarget(name: "LoadGenTests", dependencies: ["LoadGen", "Devices", "Aio"], swiftSettings: strict),
     ],

@@ -34,6 +34,11 @@ int dp_unix_connect(const char *path);
 /// Installs SIGINT and SIGTERM handlers that write 1 to the eventfd `fd` (async-signal-safe).
 void dp_stop_signals_to_eventfd(int fd);
 
+/// For fault-injection tests: installs a seccomp filter (no new privileges first) under
+/// which io_uring_setup fails with `err`, as container runtimes' default profiles do.
+/// Irreversible for the process. Returns 0 or -errno.
+int dp_deny_io_uring_setup(int err);
+
 /// Pins the calling thread to the given CPUs. Returns 0 or -errno.
 int dp_set_affinity(const int *cpus, int count);
 

@@ -1,0 +1,97 @@
+// Faults injected for real: a seccomp filter refusing io_uring_setup (what container
+// runtimes do), a descriptor limit, a completion-queue overflow, signals during waits.
+import CShims
+import Glibc
+import Synchronization
+import Testing
+
+@testable import Aio
+
+@Suite("Fault injection")
+struct FaultInjectionTests {
+    @Test("io_uring missing (ENOSYS) is explained and falls back too")
+    func enosys() async {
+        await #expect(processExitsWith: .success) {
+            guard dp_deny_io_uring_setup(ENOSYS) == 0 else { exit(4) }
+            let ctx = try! AioContext()
+            if ctx.backendKind != .epoll || ctx.fallbackReason?.contains("no io_uring") != true { exit(5) }
+        }
+    }
+
+    @Test("out of descriptors: creating a context fails with a typed error and leaves nothing behind")
+    func descriptorLimit() async {
+        await #expect(processExitsWith: .success) {
+            // Use up every descriptor below a lowered limit.
+            var limit = rlimit()
+            getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+            let highest = openFileDescriptorCount() + 16
+            limit.rlim_cur = rlim_t(highest)
+            setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+            var fillers: [Int32] = []
+            while true {
+                let fd = open("/dev/null", O_RDONLY)
+                if fd < 0 { break }
+                fillers.append(fd)
+            }
+            // No descriptor at all, then exactly one: the eventfd fits, the ring and the epoll
+            // instance do not.
+            for spare in 0...1 {
+                if spare == 1 { close(fillers.removeLast()) }
+                let before = openFileDescriptorCount()
+                do {
+                    _ = try AioContext()
+                    exit(5)
+                } catch let error as AioError {
+                    if error.code != .resourceUnavailable || error.errno != EMFILE { exit(6) }
+                } catch {
+                    exit(9)
+                }
+                if openFileDescriptorCount() != before { exit(7) }  // nothing half-made
+            }
+        }
+    }
+
+    @Test("a completion-queue overflow loses no completion", arguments: backends)
+    func completionQueueOverflow(_ backend: AioContext.Backend) throws {
+        let ctx = try makeContext(backend)
+        let done = Local(0)
+        // More than the CQ holds (512 with a 256-entry SQ), submitted without reaping.
+        for _ in 0..<3000 { ctx.submit(.nop) { _ in done.value += 1 } }
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while done.value < 3000 && monotonicNanoseconds() < deadline { ctx.poll(blocking: true) }
+        #expect(done.value == 3000)
+        #expect(ctx.pendingRequests == 0)
+    }
+
+    @Test("signals during a blocking wait neither end it early nor lose the timer", .timeLimit(.minutes(1)),
+          arguments: backends)
+    func signalsDuringWait(_ backend: AioContext.Backend) throws {
+        var sa = sigaction()
+        sa.__sigaction_handler.sa_handler = { _ in }
+        sigemptyset(&sa.sa_mask)
+        sigaction(SIGUSR1, &sa, nil)
+        let result = Locked<(Bool, Int64)?>(nil)
+        let tid = Atomic<UInt>(0)
+        let thread = try spawn {
+            let ctx = try! AioContext(backend: backend)
+            while ctx.poll(blocking: false) {}
+            let fired = Local(false)
+            let t = ctx.makeTimer { fired.value = true }
+            t.arm(after: 100_000_000)
+            while ctx.poll(blocking: false) {}
+            tid.store(UInt(pthread_self()), ordering: .releasing)
+            let t0 = monotonicNanoseconds()
+            let progress = ctx.poll(blocking: true)
+            result.withLock { $0 = (progress && fired.value, monotonicNanoseconds() - t0) }
+        }
+        while tid.load(ordering: .acquiring) == 0 { usleep(1000) }
+        for _ in 0..<5 {
+            usleep(10_000)
+            pthread_kill(pthread_t(tid.load(ordering: .acquiring)), SIGUSR1)
+        }
+        pthread_join(thread, nil)
+        let (ok, waited) = result.withLock { $0 } ?? (false, 0)
+        #expect(ok, "the one blocking poll returned with the timer fired")
+        #expect(waited >= 90_000_000, "it was not cut short by the signals")
+    }
+}
