@@ -90,9 +90,7 @@ public struct JSONStream {
             return
         }
         if buffer.count >= JSONStream.maxMessageBytes {
-            let open = depth
-            fail("JSON token size limit exceeded", &out)
-            if open > 0 { skipping = true; depth = open }
+            failAndSkipValue("JSON token size limit exceeded", &out)
             return
         }
         if inString {
@@ -169,12 +167,21 @@ public struct JSONStream {
         }
     }
 
+    /// Reports a limit and drops the rest of the value being read (up to where its nesting
+    /// closes), so its tail is not parsed as new messages.
+    mutating func failAndSkipValue(_ message: String, _ out: inout [Output]) {
+        let open = depth
+        fail(message, &out)
+        if open > 0 {
+            skipping = true
+            depth = open
+        }
+    }
+
     mutating func countToken(_ out: inout [Output]) {
         tokens += 1
         if tokens > JSONStream.maxTokens {
-            let open = depth
-            fail("JSON token count limit exceeded", &out)
-            if open > 0 { skipping = true; depth = open }
+            failAndSkipValue("JSON token count limit exceeded", &out)
         }
     }
 

@@ -2,6 +2,7 @@ import Aio
 import ArgumentParser
 import Glibc
 import IOThreads
+import LoadGen
 import Synchronization
 
 /// `dataplane wake`: the wake-up round trip (workload W1) to an IOThread with adaptive
@@ -118,29 +119,8 @@ func threadCPUNanoseconds(_ tid: Int32) -> Int64 {
 }
 
 func machineLine() -> String {
-    var u = utsname()
-    uname(&u)
-    let release = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-    var model = "unknown CPU"
-    if let f = fopen("/proc/cpuinfo", "r") {
-        defer { fclose(f) }
-        var line: UnsafeMutablePointer<CChar>? = nil
-        var cap = 0
-        while getline(&line, &cap, f) > 0 {
-            let s = String(cString: line!)
-            if s.hasPrefix("model name"), let colon = s.firstIndex(of: ":") {
-                model = s[s.index(after: colon)...].trimmingCharacters()
-                break
-            }
-        }
-        free(line)
-    }
-    #if DEBUG
-    let build = "debug"
-    #else
-    let build = "release"
-    #endif
-    return "machine: \(model), \(sysconf(Int32(_SC_NPROCESSORS_ONLN))) vCPUs, kernel \(release); build: \(build)"
+    let m = LoadResult.Machine.current
+    return "machine: \(m.cpu), \(m.vcpus) vCPUs, kernel \(m.kernel); build: \(m.build)"
 }
 
 func pad(_ s: String, _ width: Int, right: Bool = false) -> String {
@@ -151,10 +131,4 @@ func pad(_ n: Int, _ width: Int, right: Bool = false) -> String { pad(String(n),
 func format2(_ x: Double) -> String {
     let r = (x * 100).rounded() / 100
     return String(r)
-}
-
-extension Substring {
-    func trimmingCharacters() -> String {
-        String(self.drop(while: { $0 == " " || $0 == "\t" }).reversed().drop(while: { $0 == " " || $0 == "\n" || $0 == "\t" }).reversed())
-    }
 }
