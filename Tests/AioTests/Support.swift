@@ -30,6 +30,25 @@ func makeContext(_ backend: AioContext.Backend) throws -> AioContext {
 
 /// Open file descriptors of this process whose target contains one of `kinds` (all if
 /// empty), e.g. "eventfd", "io_uring", "eventpoll" for the anonymous inodes a context owns.
+/// This process's open descriptors as "fd -> target", leaving out /dev/null (the fillers of
+/// the descriptor-exhaustion tests), so that a leaked eventfd or ring shows even when it took
+/// a number a filler had before.
+func openDescriptors() -> Set<String> {
+    guard let dir = opendir("/proc/self/fd") else { return [] }
+    defer { closedir(dir) }
+    var names: Set<String> = []
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+        guard name != "." && name != ".." else { continue }
+        var target = [CChar](repeating: 0, count: 256)
+        let n = readlink("/proc/self/fd/\(name)", &target, 255)
+        guard n > 0 else { continue }  // the listing's own fd, or one closed meanwhile
+        let text = String(decoding: target[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        if text != "/dev/null" { names.insert("\(name) -> \(text)") }
+    }
+    return names
+}
+
 func openFileDescriptorCount(kinds: [String] = []) -> Int {
     guard let dir = opendir("/proc/self/fd") else { return -1 }
     defer { closedir(dir) }
