@@ -212,7 +212,11 @@ struct WakeupCountingTests {
         let t = try IOThread(id: "polling", properties: props, backend: backend)
         defer { t.stop() }
         let ran = Atomic<Int>(0)
-        let bh = t.context.makeBottomHalf { ran.add(1, ordering: .releasing) }
+        let ranAt = Atomic<Int64>(0)  // when the loop ran the BH (its poll window starts after)
+        let bh = t.context.makeBottomHalf {
+            ranAt.store(monotonicNanoseconds(), ordering: .relaxed)
+            ran.add(1, ordering: .releasing)  // publishes ranAt
+        }
         defer { bh.delete() }
         var expected = 0
         func roundTrip() {
@@ -222,14 +226,21 @@ struct WakeupCountingTests {
         }
         // Warm-up: wake-ups that come sooner than poll-max-ns after the loop went to sleep
         // grow the context notifier's window (QEMU's rule) until it is poll-max-ns.
-        for _ in 0..<8 {
-            usleep(500)
+        // Each sleep must outlast the current window for the window to grow, so sleep a bit
+        // longer each time (a fixed short sleep stops the growth at the first window longer
+        // than it, far below poll-max-ns, and the exclusion below would then be wrong).
+        let stats = t.statistics
+        var window: Int64 = 0
+        for _ in 0..<40 {
+            window = stats.pollWindows.values.max() ?? 0
+            if window >= windowNs { break }
+            usleep(UInt32(min(max(window * 2, 500_000), windowNs - 1_000_000) / 1000))
             roundTrip()
         }
+        try #require(window >= windowNs, "the context notifier's window grew to poll-max-ns")
         // Measure: the client thinks 20 µs (so the loop is in its poll window), schedules, waits. A round in which the
         // client or the loop was preempted for longer than the window may legitimately sleep
         // and be woken; those rounds are reported, not counted.
-        let stats = t.statistics
         let hitsBefore = stats.pollHits
         var writesInFastRounds: UInt64 = 0
         var slowRounds = 0
@@ -239,8 +250,13 @@ struct WakeupCountingTests {
             while monotonicNanoseconds() < think {}
             let w0 = stats.eventfdWrites
             let t0 = monotonicNanoseconds()
+            // The loop's window started when it ran the previous BH, not when this thread saw
+            // the flag: a client that yielded or was preempted meanwhile leaves the loop idle
+            // past its window, so it sleeps; such a gap, like a slow round trip, makes the
+            // round a slow one.
+            let gap = t0 - ranAt.load(ordering: .relaxed)
             roundTrip()
-            if monotonicNanoseconds() - t0 < windowNs / 2 {
+            if monotonicNanoseconds() - t0 < windowNs / 2 && gap < windowNs / 2 {
                 writesInFastRounds += stats.eventfdWrites - w0
             } else {
                 slowRounds += 1
