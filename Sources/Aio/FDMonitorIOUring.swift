@@ -24,6 +24,11 @@ final class IOUringMonitor: FDMonitor {
     /// Handlers whose POLL_ADD could not be queued (SQ full) or must be re-armed after a
     /// reap (the ring may not be used while reaping).
     var toArm: ContiguousArray<FdHandler> = []
+    /// Requests the SQ could not take (full, and the kernel would not drain it just then:
+    /// EAGAIN/EBUSY). They keep their order and go to the ring first on the next iteration,
+    /// so a refusal delays a request but never loses or fails it.
+    var backlog: ContiguousArray<(request: IORequest, userData: UInt64)> = []
+    var backlogStart = 0
 
     init(context: AioContext) throws(UringError) {
         self.context = context
@@ -37,11 +42,13 @@ final class IOUringMonitor: FDMonitor {
 
     var needsWait: Bool {
         ring.pendingSubmissions > 0 || ring.readyCompletions > 0 || ring.hasOverflow || !toArm.isEmpty
+            || backlogStart < backlog.count
     }
 
     var eventsReady: Bool { ring.readyCompletions > 0 || ring.hasOverflow }
 
     func prepareForPolling() {
+        flushBacklog()
         armPending()
         ring.submit()
     }
@@ -78,31 +85,48 @@ final class IOUringMonitor: FDMonitor {
         _ = ring.preparePollRemove(target: h.userData, userData: 0)
     }
 
-    func submit(_ request: IORequest, userData: UInt64) -> Bool {
-        func prep(_ ring: inout Ring) -> Bool {
-            switch request {
-            case .nop:
-                return ring.prepareNop(userData: userData)
-            case .read(let fd, let buffer, let offset):
-                return ring.prepareRead(fd: fd, buffer: buffer.baseAddress!, count: UInt32(buffer.count),
-                                        offset: offset, userData: userData)
-            case .write(let fd, let buffer, let offset):
-                return ring.prepareWrite(fd: fd, buffer: buffer.baseAddress!, count: UInt32(buffer.count),
-                                         offset: offset, userData: userData)
-            case .fsync(let fd, let dataOnly):
-                return ring.prepareFsync(fd: fd, dataOnly: dataOnly, userData: userData)
-            case .timeout(let ns):
-                return ring.prepareTimeout(nanoseconds: ns, userData: userData)
-            }
+    func prepare(_ request: IORequest, userData: UInt64) -> Bool {
+        switch request {
+        case .nop:
+            return ring.prepareNop(userData: userData)
+        case .read(let fd, let buffer, let offset):
+            return ring.prepareRead(fd: fd, buffer: buffer.baseAddress!, count: UInt32(buffer.count),
+                                    offset: offset, userData: userData)
+        case .write(let fd, let buffer, let offset):
+            return ring.prepareWrite(fd: fd, buffer: buffer.baseAddress!, count: UInt32(buffer.count),
+                                     offset: offset, userData: userData)
+        case .fsync(let fd, let dataOnly):
+            return ring.prepareFsync(fd: fd, dataOnly: dataOnly, userData: userData)
+        case .timeout(let ns):
+            return ring.prepareTimeout(nanoseconds: ns, userData: userData)
         }
-        if prep(&ring) { return true }
-        // The SQ is full and the kernel would not take more (CQ backpressure): reap, retry.
-        reap()
-        ring.submit()
-        return prep(&ring)
+    }
+
+    func submit(_ request: IORequest, userData: UInt64) -> Bool {
+        if backlogStart == backlog.count {
+            if prepare(request, userData: userData) { return true }
+            // The SQ is full and the kernel would not take more (CQ backpressure): reap, retry.
+            reap()
+            ring.submit()
+            if prepare(request, userData: userData) { return true }
+        }
+        backlog.append((request, userData))
+        return true
+    }
+
+    /// Moves backlogged requests to the SQ, in order, as far as it has room.
+    func flushBacklog() {
+        while backlogStart < backlog.count {
+            let (request, userData) = backlog[backlogStart]
+            guard prepare(request, userData: userData) else { return }
+            backlogStart += 1
+        }
+        backlog.removeAll(keepingCapacity: true)
+        backlogStart = 0
     }
 
     func wait(timeout: Int64) {
+        flushBacklog()
         armPending()
         // -ETIME: timed out. -EINTR: a signal; retried with what is left of the timeout, as
         // QEMU does, so a blocking iteration returns only with an event or at its deadline.

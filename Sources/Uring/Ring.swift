@@ -29,6 +29,11 @@ public struct Ring: ~Copyable {
     /// How many times this ring entered the kernel (submit or wait). Home thread only.
     @usableFromInline var _enterCount: UInt64 = 0
     public var enterCount: UInt64 { _enterCount }
+    /// Fault injection, for tests: each entry is an errno that the next `io_uring_enter` (from
+    /// ``submit()`` or ``submitAndWait(timeoutNanoseconds:)``) returns instead of entering the
+    /// kernel, as the kernel does on a signal (EINTR) or a resource shortage (EAGAIN, EBUSY).
+    /// The SQEs stay queued, as after a real refusal. Empty in production: one branch per enter.
+    public var injectedEnterErrors: [Int32] = []
 
     /// Creates a ring.
     /// - Parameters:
@@ -181,7 +186,7 @@ public struct Ring: ~Copyable {
         if io_uring_sq_ready(ring) == 0 && !io_uring_cq_has_overflow(ring) { return 0 }
         while true {
             _enterCount &+= 1
-            let rc = io_uring_submit(ring)
+            let rc = injectedEnterErrors.isEmpty ? io_uring_submit(ring) : -injectedEnterErrors.removeFirst()
             if rc != -EINTR { return rc }
         }
     }
@@ -197,6 +202,7 @@ public struct Ring: ~Copyable {
         if timeoutNanoseconds == 0 { return submit() }
         if io_uring_cq_ready(ring) > 0 { return submit() }
         _enterCount &+= 1
+        if !injectedEnterErrors.isEmpty { return -injectedEnterErrors.removeFirst() }
         if timeoutNanoseconds < 0 {
             return io_uring_submit_and_wait(ring, 1)
         }

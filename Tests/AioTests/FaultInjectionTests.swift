@@ -4,6 +4,7 @@ import CShims
 import Glibc
 import Synchronization
 import Testing
+import Uring
 
 @testable import Aio
 
@@ -92,6 +93,40 @@ struct FaultInjectionTests {
                 }
             }
         }
+    }
+
+    @Test("EINTR, EAGAIN and EBUSY from io_uring_enter are retried: every request, timer and BH runs once",
+          .enabled(if: backends.contains(.ioUring), "io_uring-only: the ring's own enter errors (epoll's EINTR is the signals test)"),
+          .timeLimit(.minutes(1)))
+    func enterErrorsAreRetried() throws {
+        let ctx = try makeContext(.ioUring)
+        let monitor = try #require(ctx.monitor as? IOUringMonitor)
+        // The next 60 enters, submits and waits alike, are refused.
+        let faults = Array(repeating: [EINTR, EAGAIN, EBUSY], count: 20).flatMap { $0 }
+        monitor.ring.injectedEnterErrors = faults
+        let n = 1000  // four times the SQ: it fills while the kernel refuses to drain it
+        let counts = Local([Int](repeating: 0, count: n))
+        let results = Local(Set<Int32>())
+        for i in 0..<n {
+            ctx.submit(.nop) { rc in
+                counts.value[i] += 1
+                results.value.insert(rc)
+            }
+        }
+        #expect(monitor.backlog.count > monitor.backlogStart, "requests waited in the backlog, none failed")
+        let timerFired = Local(0), bhRan = Local(0)
+        let timer = ctx.makeTimer { timerFired.value += 1 }
+        timer.arm(after: 1_000_000)
+        ctx.scheduleOneShot { bhRan.value += 1 }
+        let deadline = monotonicNanoseconds() + 20_000_000_000
+        while (counts.value.contains(0) || timerFired.value == 0) && monotonicNanoseconds() < deadline {
+            ctx.poll(blocking: true)
+        }
+        #expect(monitor.ring.injectedEnterErrors.isEmpty, "every injected fault was met")
+        #expect(counts.value.allSatisfy { $0 == 1 }, "each request completed exactly once")
+        #expect(results.value == [0], "and successfully")
+        #expect(timerFired.value == 1 && bhRan.value == 1)
+        #expect(ctx.pendingRequests == 0)
     }
 
     @Test("a completion-queue overflow loses no completion", arguments: backends)
