@@ -1,5 +1,5 @@
 # Dataplane: `make test` and `make demo` are the two commands; `make deps` installs what they need.
-.PHONY: test demo bench bench-gate fuzz deps clean
+.PHONY: test demo bench bench-gate fuzz soak deps clean
 
 test: deps .venv-qmp/bin/python
 	swift build --build-tests
@@ -34,6 +34,14 @@ fuzz:
 	swiftc -O -sanitize=fuzzer,address -parse-as-library -module-name QMPFuzz \
 	  Sources/QMP/JSON.swift Sources/QMP/JSONStream.swift Fuzz/QMPStreamFuzz.swift -o .build-fuzz/qmp-stream-fuzz
 	.build-fuzz/qmp-stream-fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 .build-fuzz/corpus Fuzz/corpus
+
+# W6 churn held for SOAK_SECONDS (io_uring, then a third as long on epoll): fails on a lost or
+# twice-completed request, inconsistent holders, or growth in threads, descriptors or memory.
+SOAK_SECONDS ?= 60
+soak: deps
+	swift build --product dataplane
+	.build/debug/dataplane soak --duration $(SOAK_SECONDS)s
+	.build/debug/dataplane soak --duration $$(( $(SOAK_SECONDS) / 3 + 1 ))s --fdmon epoll
 
 # liburing-dev (with pkg-config, through which SwiftPM finds it) and a Swift toolchain.
 deps:

@@ -24,10 +24,19 @@ public struct LoadResult: Codable, Sendable {
         }
     }
     public struct Churn: Codable, Sendable {
-        public struct Pause: Codable, Sendable { public var p50, max: Int64 }
+        public struct Pause: Codable, Sendable { public var p50, p99, max: Int64 }
         public var moves: Int
         public var pauseNs: Pause
         enum CodingKeys: String, CodingKey { case moves, pauseNs = "pause_ns" }
+    }
+    /// Holder references on the run's IOThreads: with every device attached (churn stopped)
+    /// they must equal one per (device, IOThread it uses); after the final detach, none.
+    public struct Holders: Codable, Sendable {
+        public var expected: Int
+        public var attached: Int
+        public var afterDetach: Int
+        public var consistent: Bool { attached == expected && afterDetach == 0 }
+        enum CodingKeys: String, CodingKey { case expected, attached, afterDetach = "after_detach" }
     }
     public struct Machine: Codable, Sendable {
         public var cpu: String
@@ -91,6 +100,7 @@ public struct LoadResult: Codable, Sendable {
     public var iothreadCPUNsPerRequest: Double
     public var iothreads: [IOThreadFigures]
     public var churn: Churn?
+    public var holders: Holders
     public var backend: String
     public var machine: Machine
     public var config: Config
@@ -98,6 +108,6 @@ public struct LoadResult: Codable, Sendable {
     enum CodingKeys: String, CodingKey {
         case iops, latencyNs = "latency_ns", requests, kicksPerRequest = "kicks_per_request"
         case interruptsPerRequest = "interrupts_per_request", iothreadCPUNsPerRequest = "iothread_cpu_ns_per_request"
-        case iothreads, churn, backend, machine, config
+        case iothreads, churn, holders, backend, machine, config
     }
 }

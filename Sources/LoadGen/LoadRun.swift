@@ -184,9 +184,12 @@ public enum LoadRunner {
 
         churnStop.set()
         try await churnTask?.value
+        let holdersExpected = devices.reduce(0) { n, d in n + Set(d.iothreads.map(ObjectIdentifier.init)).count }
+        let holdersAttached = threads.reduce(0) { $0 + $1.holders.count }
         for w in workers { w.requestStop() }
         for w in workers { w.join() }
         for d in devices { try await d.detach() }
+        let holdersAfterDetach = threads.reduce(0) { $0 + $1.holders.count }
 
         // Results.
         var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
@@ -231,7 +234,9 @@ public enum LoadRunner {
                 : Double(zip(cpu1, cpu0).reduce(0) { $0 + $1.0 - $1.1 }) / Double(deviceCompletions),
             iothreads: iothreadResults,
             churn: config.churnIntervalNs == nil ? nil : .init(
-                moves: p.count, pauseNs: .init(p50: p.isEmpty ? 0 : p[p.count / 2], max: p.last ?? 0)),
+                moves: p.count, pauseNs: .init(p50: p.isEmpty ? 0 : p[p.count / 2],
+                                               p99: p.isEmpty ? 0 : p[min(p.count - 1, p.count * 99 / 100)], max: p.last ?? 0)),
+            holders: .init(expected: holdersExpected, attached: holdersAttached, afterDetach: holdersAfterDetach),
             backend: threads[0].context.backendKind.rawValue,
             machine: .current,
             config: .init(config))

@@ -5,7 +5,7 @@ struct Dataplane: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dataplane",
         abstract: "QEMU-style IOThreads on io_uring, in Swift: a load generator for virtio-blk-like devices.",
-        subcommands: [Demo.self, Load.self, Sweep.self, Serve.self, Wake.self]
+        subcommands: [Demo.self, Load.self, Sweep.self, Serve.self, Wake.self, SoakCommand.self]
     )
 }
 
@@ -32,6 +32,8 @@ enum Main {
             } else {
                 try command.run()
             }
+        } catch let code as ExitCode {
+            exit(code.rawValue)  // the command printed why
         } catch {
             errorLine("dataplane: \(error)")
             exit(1)

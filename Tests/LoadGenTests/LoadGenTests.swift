@@ -18,6 +18,12 @@ func shortConfig(_ backend: BlockBackend, _ guest: GuestMode) -> LoadConfig {
     return c
 }
 
+/// io_uring and epoll, or epoll only when the suite runs as a machine without io_uring would.
+let backendsUnderTest: [FDMonitorKind] = {
+    if let v = getenv("DATAPLANE_FDMON"), String(cString: v) == "epoll" { return [.epoll] }
+    return [.ioUring, .epoll]
+}()
+
 @Suite("Load generator", .serialized)
 struct LoadGenTests {
     static let file: String = {
@@ -73,7 +79,7 @@ struct LoadGenTests {
         c.churnIntervalNs = 1_000_000
         let r = try await LoadRunner.run(c)
         let object = try JSONSerialization.jsonObject(with: Data(try Report.json(r).utf8)) as! [String: Any]
-        for key in ["iops", "latency_ns", "requests", "iothreads", "machine", "config", "churn"] {
+        for key in ["iops", "latency_ns", "requests", "iothreads", "machine", "config", "churn", "holders"] {
             #expect(object[key] != nil, "missing \(key)")
         }
         let latency = object["latency_ns"] as! [String: Any]
@@ -81,7 +87,8 @@ struct LoadGenTests {
         let requests = object["requests"] as! [String: Any]
         #expect(Set(requests.keys) == ["submitted", "completed", "lost", "duplicated"])
         let churn = object["churn"] as! [String: Any]
-        #expect(churn["moves"] != nil && (churn["pause_ns"] as? [String: Any])?["p50"] != nil)
+        #expect(churn["moves"] != nil && (churn["pause_ns"] as? [String: Any])?["p99"] != nil)
+        #expect(Set((object["holders"] as! [String: Any]).keys) == ["expected", "attached", "after_detach"])
         #expect((object["iothreads"] as! [Any]).count == 2)
     }
 
@@ -104,5 +111,24 @@ struct LoadGenTests {
         c = LoadConfig()
         c.churnIntervalNs = 1_000_000
         #expect(throws: DeviceError("--churn needs --iothreads 2 or more (devices move between IOThreads)")) { try c.validate() }
+    }
+
+    @Test("a short soak passes: nothing lost, holders consistent, no thread, fd or memory growth",
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
+    func shortSoak(_ fdmon: FDMonitorKind) async throws {
+        var c = LoadConfig()
+        c.iothreads = 2
+        c.devices = 4
+        c.queueDepth = 8
+        c.fdmon = fdmon
+        c.warmupNs = 500_000_000
+        c.durationNs = 3_000_000_000
+        c.churnIntervalNs = 1_000_000
+        let r = try await Soak.run(c)
+        #expect(r.passed, "\(r.failures)")
+        #expect(r.load.holders.expected == 4 && r.load.holders.attached == 4 && r.load.holders.afterDetach == 0)
+        #expect((r.load.churn?.moves ?? 0) > 100)
+        #expect(r.samples.count >= 3, "sampled about once a second")
+        #expect(r.after.descriptors <= r.before.descriptors)
     }
 }
