@@ -12,6 +12,8 @@ test: deps .venv-qmp/bin/python
 	@echo "== end to end: dataplane serve driven by the real qemu.qmp client"
 	swift build --product dataplane
 	.venv-qmp/bin/python Tests/e2e/qmp_e2e.py .build/debug/dataplane
+	@echo "== monitor under abuse: 64 garbage clients while qemu.qmp hot-plugs devices"
+	.venv-qmp/bin/python Tests/e2e/qmp_abuse.py .build/debug/dataplane 20
 
 demo: deps
 	swift run -c release dataplane demo
