@@ -35,6 +35,7 @@ struct FaultInjectionTests {
             let pattern = [UInt8](repeating: 0x5a, count: 4096)
             if pwrite(fd, pattern, pattern.count, 0) != pattern.count { exit(7) }
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
+            defer { buffer.deallocate() }
             let result = Local<Int32?>(nil)
             ctx.submit(.read(fd: fd, buffer: buffer, offset: 0)) { result.value = $0 }
             let deadline = monotonicNanoseconds() + 10_000_000_000

@@ -124,7 +124,10 @@ struct LoadGenTests {
         c.warmupNs = 500_000_000
         c.durationNs = 3_000_000_000
         c.churnIntervalNs = 1_000_000
-        let r = try await Soak.run(c)
+        // AddressSanitizer keeps freed memory in quarantine, so RSS grows by design there:
+        // memory growth is judged in the other passes.
+        let underASan = dlsym(nil, "__asan_init") != nil
+        let r = try await Soak.run(c, rssToleranceKiB: underASan ? 1 << 30 : 8192)
         #expect(r.passed, "\(r.failures)")
         #expect(r.load.holders.expected == 4 && r.load.holders.attached == 4 && r.load.holders.afterDetach == 0)
         #expect((r.load.churn?.moves ?? 0) > 100)
