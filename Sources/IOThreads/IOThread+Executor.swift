@@ -34,7 +34,10 @@ extension IOThread: SerialExecutor, TaskExecutor {
 
     /// Runs the queued jobs (the executor BH, on the IOThread).
     func runJobs() {
-        var batch = spareJobs
+        // Take the spare array out first: a copy would share its buffer with `spareJobs`
+        // until the end of this function, and an enqueue meanwhile would copy it (malloc).
+        var batch: [UnownedJob] = []
+        swap(&batch, &spareJobs)
         jobs.withLock { swap(&$0, &batch) }
         let serial = asUnownedSerialExecutor()
         let task = asUnownedTaskExecutor()
