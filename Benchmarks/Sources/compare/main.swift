@@ -1,184 +1,258 @@
-// Runs workloads W1, W2 and W5 (../shared/spec/WORKLOADS.md) on Dataplane and on the C
-// reference (cref/cref.c, raw liburing, the same wake-up protocol), each 3 times, and prints
-// the medians (with min and max) side by side with their ratio. Wall-clock figures on 2
-// shared vCPUs are noisy: read the ratios, measured in the same run.
+// `make bench`: workloads W1–W6 (../shared/spec/WORKLOADS.md), allocations, memory and idle
+// CPU, on Dataplane beside the C reference (cref/cref.c, raw liburing, the same protocols)
+// and SwiftNIO (W1, W2, W5). Each comparison is repeated (3 times by default), runs of the
+// implementations interleaved, and printed as median [min–max] with the ratio
+// Dataplane / reference and the issue's goal. Wall-clock figures on 2 shared vCPUs are
+// noisy: read the ratios, measured in the same run.
+//
+// Usage: compare [CREF]                 (default cref/bin/cref)
+//        compare probe-idle-memory | probe-soak SECONDS   (children of the memory rows)
+// Environment: DP_BENCH_REPEATS (3), DP_BENCH_W3_MS (2000, measured window per W3/W4 run),
+// DP_BENCH_W6_MS (5000), DP_BENCH_SOAK_SECONDS (10; the issue's figure is 60),
+// DP_BENCH_ONLY (comma-separated sections: w1,w2,w3,w4,w5,w6,alloc,memory,idle).
 import Aio
 import Glibc
-import IOThreads
-import Synchronization
 
-let crefPath = CommandLine.arguments.dropFirst().first ?? "cref/bin/cref"
-let repeats = 3
-
-struct Sample { var values: [String: Double] }
-
-func runCref(_ args: [String]) -> [String: Double] {
-    let command = ([crefPath] + args).joined(separator: " ")
-    guard let pipe = popen(command, "r") else { fatalError("cannot run \(command)") }
-    var output = ""
-    var buf = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let n = fread(&buf, 1, buf.count, pipe)
-        if n <= 0 { break }
-        output += String(decoding: buf[0..<n], as: UTF8.self)
-    }
-    let rc = pclose(pipe)
-    precondition(rc == 0, "\(command) failed: \(output)")
-    var result: [String: Double] = [:]
-    for pair in output.split(whereSeparator: { $0 == " " || $0 == "\n" }) {
-        let kv = pair.split(separator: "=")
-        if kv.count == 2, let v = Double(kv[1]) { result[String(kv[0])] = v }
-    }
-    return result
+let args = Array(CommandLine.arguments.dropFirst())
+if args.first == "probe-idle-memory" {
+    try probeIdleMemory()
+    exit(0)
+}
+if args.first == "probe-soak" {
+    try probeSoak(seconds: Int(args.dropFirst().first ?? "10") ?? 10)
+    exit(0)
 }
 
-func percentile(_ sorted: [Int64], _ p: Double) -> Double {
-    Double(sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))])
+let crefPath = args.first ?? "cref/bin/cref"
+let repeats = envInt("DP_BENCH_REPEATS", 3)
+let w3Ms = envInt("DP_BENCH_W3_MS", 2000)
+let w6Ms = envInt("DP_BENCH_W6_MS", 5000)
+let soakSeconds = envInt("DP_BENCH_SOAK_SECONDS", 10)
+let only: Set<String>? = getenv("DP_BENCH_ONLY").map { Set(String(cString: $0).split(separator: ",").map(String.init)) }
+func enabled(_ section: String) -> Bool { only?.contains(section) ?? true }
+
+func cref(_ a: [String]) -> [String: Double] {
+    let command = ([crefPath] + a).joined(separator: " ")
+    guard let out = runCommand(command) else { fatalError("\(command) failed") }
+    return parsePairs(out)
 }
 
-// W1: a client thread schedules a BH on an IOThread; the BH sets a flag; the client spins.
-func w1(pollMaxNs: Int64) throws -> [String: Double] {
-    var props = IOThreadProperties()
-    props.pollMaxNs = pollMaxNs
-    let thread = try IOThread(id: "w1", properties: props)
-    defer { thread.stop() }
-    let flag = Atomic<Bool>(false)
-    let bh = thread.context.makeBottomHalf(name: "w1") { flag.store(true, ordering: .releasing) }
-    defer { bh.delete() }
-    let warm = 20_000, n = 200_000
-    var samples = [Int64](repeating: 0, count: n)
-    var w0: UInt64 = 0, e0: UInt64 = 0
-    for i in 0..<(warm + n) {
-        if i == warm { w0 = thread.statistics.eventfdWrites; e0 = thread.statistics.ringEnters }
-        flag.store(false, ordering: .relaxed)
-        let t0 = monotonicNanoseconds()
-        bh.schedule()
-        while !flag.load(ordering: .acquiring) {}
-        if i >= warm { samples[i - warm] = monotonicNanoseconds() - t0 }
-    }
-    samples.sort()
-    return ["p50": percentile(samples, 0.5), "p99": percentile(samples, 0.99), "p999": percentile(samples, 0.999),
-            "eventfd_per_op": Double(thread.statistics.eventfdWrites - w0) / Double(n),
-            "enters_per_op": Double(thread.statistics.ringEnters - e0) / Double(n)]
-}
+let table = Table()
+let backend = try AioContext().backendKind
+let title = [
+    "Dataplane vs the C reference (raw liburing) and SwiftNIO \(nioVersion): median of \(repeats) runs [min–max]; ratio = Dataplane / reference",
+    "machine: \(machineDescription()); backend: \(backend); build: release",
+    "parameters: W1 200k round trips after 20k; W2 2M BHs; W3 warm-up 500 ms + \(w3Ms) ms, queue size 256, null device;"
+        + " W4 2M NOPs, reads \(w3Ms) ms after 200 ms on a 1 GiB file; W5 10k timers; W6 \(w6Ms) ms; soak \(soakSeconds) s",
+]
+for t in title { eprint(t) }
+var existingBHMallocs: (mallocs: Double, ops: Double)? = nil
+var w3Mallocs: [Double] = []
 
-// W2: one producer schedules 2M one-shot BHs as fast as it can; the IOThread runs them.
-func w2() throws -> [String: Double] {
-    var props = IOThreadProperties()
-    props.pollMaxNs = 0
-    let thread = try IOThread(id: "w2", properties: props)
-    defer { thread.stop() }
-    let ran = Atomic<Int>(0)
-    let n = 2_000_000
-    let ctx = thread.context!
-    let t0 = monotonicNanoseconds()
-    for _ in 0..<n { ctx.scheduleOneShot { ran.add(1, ordering: .relaxed) } }
-    while ran.load(ordering: .relaxed) < n {}
-    let dt = monotonicNanoseconds() - t0
-    return ["per_second": Double(n) * 1e9 / Double(dt)]
-}
-
-// W5: 10k one-shot timers, deadlines uniform in 0–10 ms (after a 20 ms lead for arming).
-func w5() throws -> [String: Double] {
-    let thread = try IOThread(id: "w5")
-    defer { thread.stop() }
-    let n = 10_000
-    final class Results: @unchecked Sendable {  // written on the IOThread only, read after `done`
-        var late = [Int64](repeating: 0, count: 10_000)
-        var timers: [AioTimer] = []
-        var fired = 0
-    }
-    let results = Results()
-    let done = Atomic<Bool>(false)
-    let ctx = thread.context!
-    var rng = SystemRandomNumberGenerator()
-    let offsets = (0..<n).map { _ in Int64.random(in: 0..<10_000_000, using: &rng) }
-    ctx.scheduleOneShot {
-        let start = monotonicNanoseconds() + 20_000_000
-        for i in 0..<n {
-            let deadline = start + offsets[i]
-            let t = ctx.makeTimer {
-                results.late[i] = monotonicNanoseconds() - deadline
-                results.fired += 1
-                if results.fired == n { done.store(true, ordering: .releasing) }
-            }
-            t.arm(at: deadline)
-            results.timers.append(t)
+// MARK: W1 wake-rtt
+if enabled("w1") {
+    var nio = Runs()
+    for _ in 0..<repeats { nio.append(try nioW1()) }
+    for maxNs: Int64 in [32768, 0] {
+        var ours = Runs(), theirs = Runs()
+        for _ in 0..<repeats {
+            ours.append(try dataplaneW1(pollMaxNs: maxNs))
+            theirs.append(cref(["w1", String(maxNs)]))
         }
-    }
-    while !done.load(ordering: .acquiring) { usleep(1000) }
-    let sorted = results.late.sorted()
-    return ["p50": percentile(sorted, 0.5), "p99": percentile(sorted, 0.99), "max": Double(sorted.last!)]
-}
-
-func median3(_ runs: [[String: Double]], _ key: String) -> (Double, Double, Double) {
-    let v = runs.compactMap { $0[key] }.sorted()
-    return (v[v.count / 2], v.first!, v.last!)
-}
-
-func fmt(_ x: Double) -> String {
-    if x >= 1e6 { return String(Int((x / 1e6 * 100).rounded())) .inserting(".", at: 2) + "M" }
-    if x < 10 { return String((x * 1000).rounded() / 1000) }
-    return String(Int(x.rounded()))
-}
-
-extension String {
-    func padded(_ width: Int) -> String { self + String(repeating: " ", count: max(1, width - count)) }
-
-    func inserting(_ c: Character, at fromEnd: Int) -> String {
-        var s = self
-        while s.count <= fromEnd { s = "0" + s }
-        s.insert(c, at: s.index(s.endIndex, offsetBy: -fromEnd))
-        return s
+        let on = maxNs != 0
+        let label = on ? "W1 wake-rtt, polling on" : "W1 wake-rtt, polling off"
+        let p50 = ours.stat("p50"), c50 = theirs.stat("p50"), n50 = nio.stat("p50")
+        if on {
+            let met = c50.map { p50!.median <= 1.3 * $0.median } == true && n50.map { p50!.median <= 0.5 * $0.median } == true
+            table.add("\(label) p50 ns", .ns, dp: p50, c: c50, nio: n50, goal: "≤1.3× C; ≤0.5× NIO execute", met: met)
+        } else {
+            let met = c50.map { p50!.median <= 1.2 * $0.median } == true
+            table.add("\(label) p50 ns", .ns, dp: p50, c: c50, nio: n50, goal: "≤1.2× C", met: met)
+        }
+        table.add("\(label) p99 ns", .ns, dp: ours.stat("p99"), c: theirs.stat("p99"), nio: nio.stat("p99"))
+        table.add("\(label) p99.9 ns", .ns, dp: ours.stat("p999"), c: theirs.stat("p999"), nio: nio.stat("p999"))
+        table.add("\(label) eventfd writes/op", .count, dp: ours.stat("eventfd_per_op"), c: theirs.stat("eventfd_per_op"), ratios: false)
+        table.add("\(label) ring enters/op", .count, dp: ours.stat("enters_per_op"), c: theirs.stat("enters_per_op"), ratios: false)
     }
 }
 
-func row(_ name: String, _ ours: [[String: Double]], _ theirs: [[String: Double]], _ key: String, higherIsBetter: Bool = false) {
-    let (a, amin, amax) = median3(ours, key)
-    let (b, bmin, bmax) = median3(theirs, key)
-    let ratio = b == 0 ? 0 : a / b
-    func cell(_ m: Double, _ lo: Double, _ hi: Double) -> String { "\(fmt(m)) [\(fmt(lo))–\(fmt(hi))]" }
-    let ratioText: String = b == 0 ? "–" : "\((ratio * 100).rounded() / 100)×" + (higherIsBetter ? " (higher is better)" : "")
-    let line: String = name.padded(44) + cell(a, amin, amax).padded(30) + cell(b, bmin, bmax).padded(30)
-    print(line + ratioText)
+// MARK: W2 bh-throughput
+if enabled("w2") {
+    var oneShot = Runs(), existing = Runs(), c = Runs(), nio = Runs()
+    let pool = try ExistingBHs()
+    for _ in 0..<repeats {
+        existing.append(pool.round())
+        oneShot.append(try dataplaneW2OneShot())
+        c.append(cref(["w2"]))
+        nio.append(try nioW2())
+    }
+    pool.close()
+    let e = existing.stat("per_second"), o = oneShot.stat("per_second"), cs = c.stat("per_second"), ns = nio.stat("per_second")
+    table.add("W2 existing BHs/s (C: preallocated nodes)", .rate, dp: e, c: cs,
+              goal: "≥0.5× C", met: cs.map { e!.median >= 0.5 * $0.median })
+    table.add("W2 one-shot BHs/s (NIO: execute)", .rate, dp: o, c: cs, nio: ns,
+              goal: "≥10× NIO execute", met: ns.map { o!.median >= 10 * $0.median })
+    existingBHMallocs = (existing.runs.reduce(0) { $0 + $1["mallocs"]! }, existing.runs.reduce(0) { $0 + $1["ops"]! })
+    table.add("W2 allocations per one-shot BH / execute", .count, dp: oneShot.stat("mallocs_per_op"),
+              nio: nio.stat("mallocs_per_op"), ratios: false)
 }
 
-var u = utsname()
-uname(&u)
-let kernel = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-print("Dataplane vs the C reference on raw liburing: median of \(repeats) [min–max], ratio = Dataplane / C")
-print("machine: \(sysconf(Int32(_SC_NPROCESSORS_ONLN))) vCPUs, kernel \(kernel); backend: \(try AioContext().backendKind)")
+// MARK: W3 virtqueue
+if enabled("w3") {
+    let configs: [(W3Config, Double)] = [
+        (W3Config(qd: 1, pollMaxNs: 32768, spinning: true), 0.8),
+        (W3Config(qd: 1, pollMaxNs: 0, spinning: false), 0.9),
+        (W3Config(qd: 32, pollMaxNs: 32768, spinning: false), 0.5),
+    ]
+    for (config, goal) in configs {
+        var ours = Runs(), theirs = Runs()
+        for _ in 0..<repeats {
+            ours.append(try dataplaneW3(config, warmupNs: 500_000_000, durationNs: Int64(w3Ms) * 1_000_000))
+            theirs.append(cref(config.crefArgs + ["500", String(w3Ms)]))
+        }
+        let label = "W3 \(config.label)"
+        let dp = ours.stat("iops"), cs = theirs.stat("iops")
+        table.add("\(label) IOPS", .rate, dp: dp, c: cs, goal: "≥\(goal)× C", met: cs.map { dp!.median >= goal * $0.median })
+        table.add("  latency p50 / p99 / p99.9 ns", .ns, dp: ours.stat("p50"), c: theirs.stat("p50"))
+        table.rows[table.rows.count - 1].dataplane = [ours.stat("p50"), ours.stat("p99"), ours.stat("p999")]
+            .map { Unit.ns.format($0!.median) }.joined(separator: " / ")
+        table.rows[table.rows.count - 1].cref = [theirs.stat("p50"), theirs.stat("p99"), theirs.stat("p999")]
+            .map { Unit.ns.format($0!.median) }.joined(separator: " / ")
+        table.add("  kicks/req", .count, dp: ours.stat("kicks_per_req"), c: theirs.stat("kicks_per_req"), ratios: false)
+        table.add("  interrupts/req", .count, dp: ours.stat("irqs_per_req"), c: theirs.stat("irqs_per_req"), ratios: false)
+        table.add("  IOThread CPU ns/req", .count, dp: ours.stat("cpu_ns_per_req"), c: theirs.stat("cpu_ns_per_req"))
+        let bad = ours.runs.reduce(0) { $0 + ($1["lost"] ?? 0) + ($1["unexpected"] ?? 0) }
+            + theirs.runs.reduce(0) { $0 + ($1["lost"] ?? 0) + ($1["unexpected"] ?? 0) }
+        if bad != 0 { table.notes.append("W3 \(config.label): \(Int(bad)) requests lost or completed wrongly") }
+        w3Mallocs += ours.runs.compactMap { $0["mallocs_per_req"] }
+    }
+}
+
+// MARK: W4 io
+if enabled("w4") {
+    var ours = Runs(), theirs = Runs()
+    for _ in 0..<repeats {
+        ours.append(try dataplaneW4Nop())
+        theirs.append(cref(["w4nop"]))
+    }
+    let dp = ours.stat("per_second"), cs = theirs.stat("per_second")
+    table.add("W4 NOPs/s through the context ring, batches of 32", .rate, dp: dp, c: cs,
+              goal: "≥0.8× C", met: cs.map { dp!.median >= 0.8 * $0.median })
+    table.add("  ring enters per batch", .count, dp: ours.stat("enters_per_batch"), ratios: false)
+
+    let path = "\(getcwd(nil, 0).map { String(cString: $0) } ?? ".")/.build/w4-1GiB.dat"
+    try prepareW4File(path)
+    let fio = fioPath()
+    if fio == nil {
+        table.notes.append("fio is not installed: the fio column of W4 is skipped (apt-get install -y fio)")
+    }
+    var reads = Runs(), creads = Runs(), fios = Runs()
+    for _ in 0..<repeats {
+        reads.append(try dataplaneW4Read(path: path, durationNs: Int64(w3Ms) * 1_000_000))
+        creads.append(cref(["w4read", path, String(w3Ms)]))
+        if let fio, let r = fioW4Read(fio: fio, path: path, durationNs: Int64(w3Ms) * 1_000_000) { fios.append(r) }
+    }
+    let r = reads.stat("iops"), c = creads.stat("iops"), f = fios.stat("iops")
+    var row = Row(workload: "W4 4 KiB random reads QD32, page cache, IOPS", dataplane: cell(r, .rate), cref: cell(c, .rate))
+    row.nio = f.map { "fio \(cell($0, .rate))" } ?? "fio: not installed"
+    row.ratios = [ratioText(r, c, "C"), ratioText(r, f, "fio")].compactMap { $0 }.joined(separator: ", ")
+    row.goal = "≥0.9× C; fio beside"
+    row.met = c.map { r!.median >= 0.9 * $0.median }
+    table.add(row)
+    var lat = Row(workload: "  latency p50 / p99 ns")
+    lat.dataplane = "\(Unit.ns.format(reads.stat("p50")!.median)) / \(Unit.ns.format(reads.stat("p99")!.median))"
+    lat.cref = "\(Unit.ns.format(creads.stat("p50")!.median)) / \(Unit.ns.format(creads.stat("p99")!.median))"
+    if let f50 = fios.stat("p50"), let f99 = fios.stat("p99") {
+        lat.nio = "fio \(Unit.ns.format(f50.median)) / \(Unit.ns.format(f99.median))"
+    }
+    table.add(lat)
+    let errors = reads.runs.reduce(0) { $0 + ($1["errors"] ?? 0) } + creads.runs.reduce(0) { $0 + ($1["errors"] ?? 0) }
+    if errors != 0 { table.notes.append("W4: \(Int(errors)) reads returned less than 4 KiB") }
+}
+
+// MARK: W5 timers
+if enabled("w5") {
+    var ours = Runs(), theirs = Runs(), nio = Runs()
+    for _ in 0..<repeats {
+        ours.append(try dataplaneW5())
+        theirs.append(cref(["w5"]))
+        nio.append(try nioW5())
+    }
+    let p50 = ours.stat("p50")!, c50 = theirs.stat("p50")!, p99 = ours.stat("p99")!, c99 = theirs.stat("p99")!
+    table.add("W5 timer lateness p50 ns", .ns, dp: p50, c: c50, nio: nio.stat("p50"),
+              goal: "≤ C + 5µs", met: p50.median <= c50.median + 5000)
+    table.add("W5 timer lateness p99 ns", .ns, dp: p99, c: c99, nio: nio.stat("p99"),
+              goal: "≤1.2× C", met: p99.median <= 1.2 * c99.median)
+    table.add("W5 timer lateness max ns", .ns, dp: ours.stat("max"), c: theirs.stat("max"), nio: nio.stat("max"))
+    table.add("  time to arm the 10k timers ns", .ns, dp: ours.stat("arm_ns"), nio: nio.stat("arm_ns"))
+}
+
+// MARK: W6 churn
+if enabled("w6") {
+    let r = try dataplaneW6(durationNs: Int64(w6Ms) * 1_000_000)
+    let moves = r["moves_per_second"]!
+    table.add("W6 churn moves/s (4 devices, 2 IOThreads, \(w6Ms) ms)", .rate, dp: Stat(moves), goal: "≥1000", met: moves >= 1000)
+    table.add("W6 pause per move p50 ns", .ns, dp: Stat(r["pause_p50"]!))
+    table.add("W6 pause per move p99 ns", .ns, dp: Stat(r["pause_p99"]!), goal: "≤100µs", met: r["pause_p99"]! <= 100_000)
+    table.add("W6 pause per move max ns", .ns, dp: Stat(r["pause_max"]!))
+    var row = Row(workload: "W6 requests lost / completed twice")
+    row.dataplane = "\(Int(r["lost"]!)) / \(Int(r["duplicated"]!)) of \(Int(r["completed"]!))"
+    row.goal = "0 / 0"
+    row.met = r["lost"]! == 0 && r["duplicated"]! == 0
+    table.add(row)
+    var holders = Row(workload: "W6 holders: attached / after detach")
+    holders.dataplane = "\(Int(r["holders_attached"]!)) / \(Int(r["holders_after_detach"]!))"
+    holders.goal = "4 / 0"
+    holders.met = r["holders_attached"]! == 4 && r["holders_after_detach"]! == 0
+    table.add(holders)
+}
+
+// MARK: Allocations
+if enabled("alloc") {
+    if !w3Mallocs.isEmpty {
+        let worst = w3Mallocs.max()!
+        table.add("allocations per W3 request (steady state, all runs)", .count, dp: Stat(worst), goal: "0", met: worst == 0)
+    }
+    if let e = existingBHMallocs {
+        // Every malloc in the process while the producer scheduled and the IOThread ran them.
+        var row = Row(workload: "allocations per scheduled existing BH")
+        row.dataplane = "\(Unit.count.format(e.mallocs / e.ops)) (\(Int(e.mallocs)) in \(Unit.rate.format(e.ops)))"
+        row.goal = "0"
+        row.met = e.mallocs == 0
+        table.add(row)
+    }
+    let jobs = try dataplaneExecutorJobs()
+    table.add("allocations per executor job (actor hop)", .count, dp: Stat(jobs["mallocs_per_job"]!), goal: "0",
+              met: jobs["mallocs_per_job"]! == 0)
+    table.add("  executor job ns (IOThread to IOThread hop)", .ns, dp: Stat(jobs["ns_per_hop"]!))
+}
+
+// MARK: Memory
+if enabled("memory") {
+    if let m = runSelf(["probe-idle-memory"]) {
+        let per = m["per_thread_kib"]!
+        table.add("idle IOThread RSS beyond ring and stack (64 made)", .kib, dp: Stat(per), goal: "≤256KiB", met: per <= 256)
+        var row = Row(workload: "  RSS before → after; rings; stacks (all 64)")
+        row.dataplane = "\(Int(m["rss_before_kib"]!)) → \(Int(m["rss_after_kib"]!)) KiB; \(Int(m["rings_kib"]!)); \(Int(m["stacks_kib"]!))"
+        table.add(row)
+    } else {
+        table.notes.append("memory probe failed")
+    }
+    if let s = runSelf(["probe-soak", String(soakSeconds)]) {
+        let g = s["growth_kib"]!
+        table.add("W3 RSS growth after warm-up (\(soakSeconds) s run, QD32 polling on)", .kib, dp: Stat(g),
+                  goal: "none (≤64KiB noise)", met: g <= 64)
+    } else {
+        table.notes.append("soak probe failed")
+    }
+}
+
+// MARK: Idle CPU
+if enabled("idle") {
+    let r = try idleCPU()
+    table.add("idle IOThread CPU, polling on, 1–6 s after work", .percent, dp: Stat(r["cpu_percent"]!),
+              goal: "~0% (≤1%)", met: r["cpu_percent"]! <= 1)
+}
+
 print("")
-let header: String = "workload".padded(44) + "Dataplane".padded(30) + "C reference".padded(30)
-print(header + "ratio")
-for maxNs: Int64 in [0, 32768] {
-    var ours: [[String: Double]] = [], theirs: [[String: Double]] = []
-    for _ in 0..<repeats {
-        ours.append(try w1(pollMaxNs: maxNs))
-        theirs.append(runCref(["w1", String(maxNs)]))
-    }
-    let label = maxNs == 0 ? "W1 wake-rtt, polling off" : "W1 wake-rtt, polling on"
-    row("\(label) p50 ns", ours, theirs, "p50")
-    row("\(label) p99 ns", ours, theirs, "p99")
-    row("\(label) p99.9 ns", ours, theirs, "p999")
-    row("\(label) eventfd writes/op", ours, theirs, "eventfd_per_op")
-    row("\(label) ring enters/op", ours, theirs, "enters_per_op")
-}
-do {
-    var ours: [[String: Double]] = [], theirs: [[String: Double]] = []
-    for _ in 0..<repeats {
-        ours.append(try w2())
-        theirs.append(runCref(["w2"]))
-    }
-    row("W2 one-shot BHs per second", ours, theirs, "per_second", higherIsBetter: true)
-}
-do {
-    var ours: [[String: Double]] = [], theirs: [[String: Double]] = []
-    for _ in 0..<repeats {
-        ours.append(try w5())
-        theirs.append(runCref(["w5"]))
-    }
-    row("W5 timer lateness p50 ns", ours, theirs, "p50")
-    row("W5 timer lateness p99 ns", ours, theirs, "p99")
-    row("W5 timer lateness max ns", ours, theirs, "max")
-}
+table.printAll(title: title)
