@@ -76,7 +76,7 @@ extension AioContext {
     /// The timeout of a blocking wait in ns (-1: infinite): 0 with work already queued, else
     /// the sooner of the BH part and the next timer (QEMU `aio_compute_timeout`).
     func computeTimeout() -> Int64 {
-        if readyRequestsHead < readyRequests.count || readyHead < readyHandlers.count { return 0 }
+        if requests.pointee.hasReady || readyHead < readyHandlers.count { return 0 }
         let bh = bottomHalfTimeout()
         if bh == 0 { return 0 }
         let timers = timerTimeout()

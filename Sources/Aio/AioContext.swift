@@ -70,11 +70,8 @@ public final class AioContext: @unchecked Sendable {
     /// Handlers without a poll callback (QEMU `poll_disable_cnt`).
     var pollDisableCount = 0
     var bhSlices: [Unmanaged<BottomHalf>?] = []
-    var requestSlots: ContiguousArray<RequestSlot> = []
-    var freeRequestSlots: [Int] = []
-    var readyRequests: ContiguousArray<(UInt64, Int32)> = []
-    var readyRequestsHead = 0
-    var inFlightRequests = 0
+    /// Completion I/O bookkeeping, behind a pointer (see ``RequestTable``).
+    let requests: UnsafeMutablePointer<RequestTable>
     var depth = 0
 
     // Cross-thread state.
@@ -99,6 +96,21 @@ public final class AioContext: @unchecked Sendable {
         var completion: ((Int32) -> Void)?
     }
 
+    /// The request slots, free list and completions waiting for dispatch. Home thread only.
+    /// It lives behind a pointer rather than in the class's stored `var`s because every
+    /// access to those pays a dynamic exclusivity check (swift_beginAccess/endAccess with
+    /// a thread-local lookup), several per request; pointer memory carries none. What the
+    /// checks guarded — no overlapping access — holds by construction: only the home thread
+    /// touches the table, and no completion runs while an access is open.
+    struct RequestTable {
+        var slots: ContiguousArray<RequestSlot> = []
+        var free: ContiguousArray<Int> = []
+        var ready: ContiguousArray<(userData: UInt64, result: Int32)> = []
+        var readyHead = 0
+        var inFlight = 0
+        var hasReady: Bool { readyHead < ready.count }
+    }
+
     /// Creates a context whose home thread is the calling thread.
     /// - Parameter backend: which fd-monitoring backend to use.
     /// - Throws: ``AioError`` when the kernel has no descriptors or memory for the eventfd,
@@ -106,6 +118,10 @@ public final class AioContext: @unchecked Sendable {
     public init(backend: Backend = .automatic) throws(AioError) {
         homeThread = pthread_self()
         notifier = try EventNotifier()
+        // After the last throw that precedes full initialisation: from here on a failure
+        // runs deinit, which frees it.
+        requests = .allocate(capacity: 1)
+        requests.initialize(to: RequestTable())
         var choice = backend
         if choice == .automatic, let env = getenv("DATAPLANE_FDMON"), String(cString: env) == "epoll" {
             choice = .epoll
@@ -146,6 +162,8 @@ public final class AioContext: @unchecked Sendable {
             leaked.isEmpty,
             "BUG DETECTED: bottom half '\(leaked.values.sorted().first ?? "?")' leaked: delete every bottom half before its AioContext goes away (\(leaked.count) left)")
         (monitor as? EpollMonitor)?.shutdown()
+        requests.deinitialize(count: 1)
+        requests.deallocate()
         // Drop BHs still linked (one-shots never run, deleted ones): release the list's +1.
         var node = bhList.exchange(nil, ordering: .acquiring)
         while let n = node {
@@ -365,17 +383,18 @@ public final class AioContext: @unchecked Sendable {
     /// Requests still in flight when the context is destroyed never complete (as in QEMU).
     public func submit(_ request: IORequest, _ completion: @escaping (Int32) -> Void) {
         assertOnHomeThread("submit")
+        let table = requests
         let slot: Int
-        if let free = freeRequestSlots.popLast() {
+        if let free = table.pointee.free.popLast() {
             slot = free
         } else {
-            slot = requestSlots.count
-            requestSlots.append(RequestSlot())
+            slot = table.pointee.slots.count
+            table.pointee.slots.append(RequestSlot())
         }
-        requestSlots[slot].generation &+= 1
-        requestSlots[slot].completion = completion
-        let userData = UserData.make(kind: UserData.request, generation: requestSlots[slot].generation, slot: slot)
-        inFlightRequests += 1
+        let generation = table.pointee.slots[slot].generation &+ 1
+        table.pointee.slots[slot] = RequestSlot(generation: generation, completion: completion)
+        let userData = UserData.make(kind: UserData.request, generation: generation, slot: slot)
+        table.pointee.inFlight += 1
         if !monitor.submit(request, userData: userData) {
             // The kernel would not take another request even after a reap: complete it with
             // -EBUSY rather than lose it.
@@ -386,32 +405,33 @@ public final class AioContext: @unchecked Sendable {
     /// Requests submitted and not yet completed (their callbacks not yet run).
     public var pendingRequests: Int {
         assertOnHomeThread("pendingRequests")
-        return inFlightRequests
+        return requests.pointee.inFlight
     }
 
+    @inline(__always)
     func requestCompleted(userData: UInt64, result: Int32) {
-        readyRequests.append((userData, result))
+        requests.pointee.ready.append((userData, result))
     }
 
     func dispatchCompletions() -> Bool {
+        let table = requests
         var progress = false
-        while readyRequestsHead < readyRequests.count {
-            let (userData, result) = readyRequests[readyRequestsHead]
-            readyRequestsHead += 1
+        while table.pointee.hasReady {
+            let (userData, result) = table.pointee.ready[table.pointee.readyHead]
+            table.pointee.readyHead += 1
             let slot = UserData.slot(userData)
-            guard slot < requestSlots.count, requestSlots[slot].generation == UserData.generation(userData),
-                  let completion = requestSlots[slot].completion
+            guard slot < table.pointee.slots.count, table.pointee.slots[slot].generation == UserData.generation(userData),
+                  let completion = table.pointee.slots[slot].completion.take()
             else { continue }
-            requestSlots[slot].completion = nil
-            freeRequestSlots.append(slot)
-            inFlightRequests -= 1
+            table.pointee.free.append(slot)
+            table.pointee.inFlight -= 1
             progress = true
             statistics._completions.bump()
-            completion(result)
+            completion(result)  // may submit: the table is not being accessed here
         }
-        if readyRequestsHead == readyRequests.count && readyRequestsHead > 0 {
-            readyRequests.removeAll(keepingCapacity: true)
-            readyRequestsHead = 0
+        if table.pointee.readyHead > 0 && !table.pointee.hasReady {
+            table.pointee.ready.removeAll(keepingCapacity: true)
+            table.pointee.readyHead = 0
         }
         return progress
     }
