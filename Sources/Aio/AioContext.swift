@@ -83,6 +83,9 @@ public final class AioContext: @unchecked Sendable {
     /// The lock-free list of scheduled bottom halves (newest first).
     let bhList = Atomic<Unmanaged<BottomHalf>?>(nil)
     let timerHeaps = Locked(TimerHeaps())
+    /// Each clock's earliest armed deadline, `.max` when none (see `publishEarliest`).
+    let earliestMonotonic = Atomic<Int64>(.max)
+    let earliestRealtime = Atomic<Int64>(.max)
     let pendingChanges = Locked<[(Int32, FdHandler?)]>([])
     let hasPendingChanges = Atomic<Bool>(false)
     let liveBottomHalves = Locked<[ObjectIdentifier: String]>([:])

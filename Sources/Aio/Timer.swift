@@ -137,7 +137,9 @@ extension AioContext {
                 heap.insert(t)
                 return heap.first === t
             }
-            return t.clock == .monotonic ? arm(&heaps.monotonic) : arm(&heaps.realtime)
+            let first = t.clock == .monotonic ? arm(&heaps.monotonic) : arm(&heaps.realtime)
+            publishEarliest(heaps)
+            return first
         }
         if becameFirst { notify() }
     }
@@ -146,15 +148,26 @@ extension AioContext {
         timerHeaps.withLock { heaps in
             guard t.heapIndex >= 0 else { return }
             if t.clock == .monotonic { heaps.monotonic.remove(t) } else { heaps.realtime.remove(t) }
+            publishEarliest(heaps)
         }
+    }
+
+    /// Publishes each heap's earliest deadline (`.max`: none), under the heaps' lock, so that
+    /// the loop can skip the lock on the many iterations with no timer due. Release: a
+    /// thread that armed an earlier timer then notifies, and the loop's acquire of
+    /// `notified` makes this store visible to its next look.
+    func publishEarliest(_ heaps: borrowing TimerHeaps) {
+        earliestMonotonic.store(heaps.monotonic.first?.deadline ?? .max, ordering: .releasing)
+        earliestRealtime.store(heaps.realtime.first?.deadline ?? .max, ordering: .releasing)
     }
 
     /// ns until the earliest timer (0 if one has expired), or -1 if none is armed.
     func timerTimeout() -> Int64 {
-        let (m, r) = timerHeaps.withLock { h in (h.monotonic.first?.deadline, h.realtime.first?.deadline) }
+        let m = earliestMonotonic.load(ordering: .acquiring)
+        let r = earliestRealtime.load(ordering: .acquiring)
         var timeout: Int64 = -1
-        if let m { timeout = soonest(timeout, max(0, m - AioClock.monotonic.now)) }
-        if let r { timeout = soonest(timeout, max(0, r - AioClock.realtime.now)) }
+        if m != .max { timeout = soonest(timeout, max(0, m - AioClock.monotonic.now)) }
+        if r != .max { timeout = soonest(timeout, max(0, r - AioClock.realtime.now)) }
         return timeout
     }
 
@@ -162,12 +175,13 @@ extension AioContext {
     func runTimers() -> Bool {
         var progress = false
         for clock in AioClock.allCases {
-            // Cheap check first: most iterations have nothing armed on a clock.
-            let hasAny = timerHeaps.withLock { h in
-                (clock == .monotonic ? h.monotonic.first : h.realtime.first) != nil
-            }
-            guard hasAny else { continue }
+            // Without the lock or a clock read: most iterations have nothing armed. A timer
+            // armed meanwhile by another thread comes with a notify, hence another iteration.
+            let earliest = clock == .monotonic
+                ? earliestMonotonic.load(ordering: .acquiring) : earliestRealtime.load(ordering: .acquiring)
+            guard earliest != .max else { continue }
             let now = clock.now
+            guard earliest <= now else { continue }
             while true {
                 let due: AioTimer? = timerHeaps.withLock { h in
                     func pop(_ heap: inout TimerHeap) -> AioTimer? {
@@ -175,7 +189,9 @@ extension AioContext {
                         heap.remove(t)
                         return t
                     }
-                    return clock == .monotonic ? pop(&h.monotonic) : pop(&h.realtime)
+                    let due = clock == .monotonic ? pop(&h.monotonic) : pop(&h.realtime)
+                    if due != nil { publishEarliest(h) }
+                    return due
                 }
                 guard let t = due else { break }
                 progress = true

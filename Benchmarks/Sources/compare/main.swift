@@ -76,6 +76,20 @@ if enabled("w1") {
     }
 }
 
+// MARK: loop iteration (no reference): the fixed cost every wake-up pays
+if enabled("iter") {
+    var runs = Runs()
+    for _ in 0..<repeats {
+        let ctx = try AioContext()
+        while ctx.poll(blocking: false) {}
+        let n = 2_000_000
+        let t0 = monotonicNanoseconds()
+        for _ in 0..<n { _ = ctx.poll(blocking: false) }
+        runs.append(["ns": Double(monotonicNanoseconds() - t0) / Double(n)])
+    }
+    table.add("idle non-blocking loop iteration ns (no reference)", .ns, dp: runs.stat("ns"), ratios: false)
+}
+
 // MARK: W2 bh-throughput
 if enabled("w2") {
     var oneShot = Runs(), existing = Runs(), c = Runs(), nio = Runs()
