@@ -118,6 +118,10 @@ final class WorkerPool: Sendable {
                 rc = pread(fd, buffer.baseAddress, buffer.count, off_t(Int64(bitPattern: offset)))
             case .write(let fd, let buffer, let offset):
                 rc = pwrite(fd, buffer.baseAddress, buffer.count, off_t(Int64(bitPattern: offset)))
+            case .readv(let fd, let iovecs, let count, let offset):
+                rc = preadv(fd, iovecs, Int32(count), off_t(Int64(bitPattern: offset)))
+            case .writev(let fd, let iovecs, let count, let offset):
+                rc = pwritev(fd, iovecs, Int32(count), off_t(Int64(bitPattern: offset)))
             case .fsync(let fd, let dataOnly):
                 rc = Int(dataOnly ? fdatasync(fd) : fsync(fd))
             case .nop, .timeout:
