@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "Uring", targets: ["Uring"]),
         .library(name: "IOThreads", targets: ["IOThreads"]),
         .library(name: "Devices", targets: ["Devices"]),
+        .library(name: "VhostUser", targets: ["VhostUser"]),
         .executable(name: "dataplane", targets: ["dataplane"]),
     ],
     dependencies: [
@@ -33,6 +34,7 @@ let package = Package(
         .target(name: "Aio", dependencies: ["Uring", "CShims"], swiftSettings: strict),
         .target(name: "IOThreads", dependencies: ["Aio", "CShims"], swiftSettings: strict),
         .target(name: "Devices", dependencies: ["IOThreads", "Aio", "CShims"], swiftSettings: strict),
+        .target(name: "VhostUser", dependencies: ["Devices", "IOThreads", "Aio", "CShims"], swiftSettings: strict),
         .target(name: "QMP", dependencies: ["Devices", "IOThreads", "Aio", "CShims"], swiftSettings: strict),
         .target(
             name: "LoadGen",
@@ -49,6 +51,7 @@ let package = Package(
         .testTarget(name: "IOThreadsTests", dependencies: ["IOThreads", "Aio"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "IOThreads", "Aio", "CShims"], swiftSettings: strict),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "Aio", "IOThreads", "CShims"], swiftSettings: strict),
+        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Devices", "IOThreads", "Aio", "CShims"], swiftSettings: strict),
         .testTarget(name: "LoadGenTests", dependencies: ["LoadGen", "Devices", "Aio"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
