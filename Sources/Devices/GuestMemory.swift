@@ -67,6 +67,10 @@ public final class GuestMemory: @unchecked Sendable {
     public struct FileIdentity: Sendable, Equatable {
         public var device: UInt64
         public var inode: UInt64
+        public init(device: UInt64, inode: UInt64) {
+            self.device = device
+            self.inode = inode
+        }
     }
 
     /// The host address of the first region (for the single-mapping case).
@@ -108,7 +112,14 @@ public final class GuestMemory: @unchecked Sendable {
         var mapped = ContiguousArray<Mapped>()
         var files: [FileIdentity] = []
         func unmapAll() { for m in mapped { munmap(m.mapStart, m.mapLength) } }
-        for (r, fd) in zip(regions, fds) {
+        for (i, (r, fd)) in zip(regions, fds).enumerated() {
+            // A mapping past the end of a file maps, but touching it kills the process with
+            // SIGBUS: refuse a region the file does not hold.
+            var st = stat()
+            if fstat(fd, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG && r.mmapOffset + r.size > UInt64(st.st_size) {
+                unmapAll()
+                throw DeviceError("memory region \(i) (\(r.size) bytes at offset \(r.mmapOffset)) is beyond the end of its file (\(st.st_size) bytes)")
+            }
             let page = filePageSize(fd)
             let alignedOffset = r.mmapOffset / page * page
             let delta = Int(r.mmapOffset - alignedOffset)
@@ -120,7 +131,6 @@ public final class GuestMemory: @unchecked Sendable {
                 throw DeviceError("cannot map guest memory region (\(r.size) bytes at offset \(r.mmapOffset)): \(String(cString: strerror(e)))")
             }
             mapped.append(Mapped(region: r, host: p + delta, mapStart: p, mapLength: length))
-            var st = stat()
             if fstat(fd, &st) == 0 {
                 files.append(FileIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)))
             } else {
