@@ -33,6 +33,22 @@ struct Rig {
     }
 }
 
+/// Runs `body` with a rig and always deletes the export and stops the IOThread afterwards
+/// (an export dropped without delete() is a programming error that crashes).
+func withRig(_ fdmon: AioContext.Backend, queues: Int = 1, writable: Bool = true, diskSize: Int = 1 << 20,
+             backend: BlockBackend? = nil, _ body: (Rig) async throws -> Void) async throws {
+    let rig = try Rig(fdmon, queues: queues, writable: writable, diskSize: diskSize, backend: backend)
+    do {
+        try await body(rig)
+    } catch {
+        if !rig.export.isDeleted { try? await rig.export.delete() }
+        rig.thread.stop()
+        throw error
+    }
+    if !rig.export.isDeleted { try await rig.export.delete() }
+    rig.thread.stop()
+}
+
 /// The features QEMU 7.2 acks for a Linux guest, masked to what we offer.
 func linuxFeatures(_ offered: UInt64) -> UInt64 { offered & 0x1_7000_7e46 }
 
