@@ -75,25 +75,43 @@ stop_pid() { # PID [GRACE]
     return 1
 }
 
-# Fills QSD_CMD with the reference back end (reference section 5.1/7.3) exporting IMG on SOCK.
-# IOTHREAD=1 adds `--object iothread,id=iot0` and `iothread=iot0` on the export. The pid file is
-# written after the export exists: it is qemu-storage-daemon's readiness signal.
-qsd_command() { # IMG SOCK QUEUES IOTHREAD QMP_SOCK PIDFILE
-    local img=$1 sock=$2 queues=$3 iot=$4 qmp=$5 pidfile=$6 iotarg=
-    QSD_CMD=(qemu-storage-daemon)
-    if [ "$iot" = 1 ]; then
-        QSD_CMD+=(--object iothread,id=iot0)
-        iotarg=,iothread=iot0
-    fi
-    QSD_CMD+=(--blockdev "driver=file,node-name=file0,filename=$img"
-              --blockdev driver=raw,node-name=disk0,file=file0
-              --export "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$sock,writable=on,num-queues=$queues$iotarg"
-              --chardev "socket,id=qmp0,path=$qmp,server=on,wait=off" --monitor chardev=qmp0
-              --pidfile "$pidfile")
+# Back ends are given as command templates. Placeholders inside an argument:
+#   @SOCK@ vhost-user socket to listen on   @FILE@ raw image   @QUEUES@ queues to offer
+#   @QMP@ QMP socket path                    @PIDFILE@ pid file (then it is the readiness signal,
+#                                            else the socket appearing is)
+#   @IOT_OPT@ ",iothread=iot0" or nothing (append to the export's option string)
+# and one that stands alone as an argument and becomes zero or two arguments:
+#   @IOT_OBJECT@ "--object iothread,id=iot0" or nothing
+# so one template serves both the main-loop and the IOThread variant.
+# The reference (reference sections 5.1 and 7.3); its pid file is written after the export exists.
+QSD_TEMPLATE=(qemu-storage-daemon @IOT_OBJECT@
+    --blockdev driver=file,node-name=file0,filename=@FILE@
+    --blockdev driver=raw,node-name=disk0,file=file0
+    --export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=@SOCK@,writable=on,num-queues=@QUEUES@@IOT_OPT@
+    --chardev socket,id=qmp0,path=@QMP@,server=on,wait=off --monitor chardev=qmp0
+    --pidfile @PIDFILE@)
+
+# Sets BACKEND_CMD (the expanded template) and BACKEND_READY (the path to wait for).
+expand_template() { # SOCK FILE QUEUES IOTHREAD(0|1) QMP PIDFILE TEMPLATE...
+    local sock=$1 file=$2 queues=$3 iot=$4 qmp=$5 pidfile=$6 a iotopt=
+    shift 6
+    [ "$iot" = 1 ] && iotopt=,iothread=iot0
+    BACKEND_CMD=() BACKEND_READY=$sock
+    for a in "$@"; do
+        if [ "$a" = @IOT_OBJECT@ ]; then
+            [ "$iot" = 1 ] && BACKEND_CMD+=(--object iothread,id=iot0)
+            continue
+        fi
+        case $a in *@PIDFILE@*) BACKEND_READY=$pidfile ;; esac
+        a=${a//@SOCK@/$sock}; a=${a//@FILE@/$file}; a=${a//@QUEUES@/$queues}
+        a=${a//@QMP@/$qmp}; a=${a//@PIDFILE@/$pidfile}; a=${a//@IOT_OPT@/$iotopt}
+        BACKEND_CMD+=("$a")
+    done
 }
 
 # Starts "$@" in the background with output to LOG and waits until READY (a path) exists.
-# Sets BACKEND_PID. READY is the pid file for qemu-storage-daemon, the socket for anything else.
+# Sets BACKEND_PID. READY is the pid file for qemu-storage-daemon, the socket for anything else;
+# a socket file appears at bind(), a moment before listen(), hence the short pause after it.
 start_backend() { # LOG READY TIMEOUT CMD...
     local log=$1 ready=$2 timeout=$3
     shift 3
@@ -109,4 +127,6 @@ start_backend() { # LOG READY TIMEOUT CMD...
         fi
         sleep 0.05
     done
+    [ -S "$ready" ] && sleep 0.2
+    return 0
 }
