@@ -185,6 +185,52 @@ struct ExportTests {
         try await rig.finish()
     }
 
+    @Test("a different memory table while requests are in flight is acked only after they completed; I/O resumes",
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
+    func memTableChangeDrains(_ fdmon: AioContext.Backend) async throws {
+        try await withRig(fdmon, backend: .delay(nanoseconds: 50_000_000)) { rig in
+            let fe = try rig.frontEnd()
+            try fe.connect(queues: 1)
+            try fe.start(queues: 1, features: linuxFeatures(try fe.getU64(.getFeatures)))
+            let g = fe.guests[0]
+            for id in 0..<4 { g.submit(id: UInt64(id)) }
+            #expect(eventually { rig.export.inFlight == 4 })
+            // The same memory, described in another order: a different table.
+            var p = u32(3) + u32(0)
+            for r in rig.ram.regions.reversed() {
+                p += u64(r.guestPhysicalAddress) + u64(r.size) + u64(r.userAddress) + u64(r.mmapOffset)
+            }
+            try fe.send(.setMemTable, flags: 0x9, payload: p, fds: [rig.ram.fd, rig.ram.fd, rig.ram.fd])
+            #expect(try fe.receive(.setMemTable) == u64(0))
+            #expect(g.ring.usedIdx == 4, "the ack came after every request on the old mappings completed")
+            // The rings were re-translated against the new table and run again.
+            for id in 4..<6 { g.submit(id: UInt64(id)) }
+            var n = 0
+            #expect(reap(g, count: 6) { _, s, _, _ in if s == 0 { n += 1 } } == 6)
+            #expect(n == 6)
+        }
+    }
+
+    @Test("requests queued while a ring is disabled stay in it and run once it is enabled again",
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
+    func disabledRingFetchesNothing(_ fdmon: AioContext.Backend) async throws {
+        try await withRig(fdmon) { rig in
+            let fe = try rig.frontEnd()
+            try fe.connect(queues: 1)
+            try fe.start(queues: 1, features: linuxFeatures(try fe.getU64(.getFeatures)))
+            try fe.state(.setVringEnable, index: 0, num: 0)
+            #expect(try fe.getU64(.getQueueNum) == 1)  // a round trip: the disable was applied
+            let g = fe.guests[0]
+            for id in 0..<3 { g.submit(id: UInt64(id)) }
+            usleep(50_000)
+            #expect(g.ring.usedIdx == 0, "a disabled ring takes no request")
+            try fe.state(.setVringEnable, index: 0, num: 1)
+            var n = 0
+            #expect(reap(g, count: 3) { _, s, _, _ in if s == 0 { n += 1 } } == 3)
+            #expect(n == 3)
+        }
+    }
+
     @Test("delete with requests in flight drains them, then releases the IOThread and removes the socket",
           .timeLimit(.minutes(1)), arguments: backendsUnderTest)
     func deleteDrains(_ fdmon: AioContext.Backend) async throws {
