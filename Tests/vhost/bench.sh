@@ -81,6 +81,9 @@ qemu-img create -q -f raw -o preallocation=full "$IMG" "$SIZE" || exit 3
 one_run() { # A|B RUN
     local which=$1 run=$2 label log
     rm -f "$SOCK" "$QMP" "$PIDF"
+    # Flush what the image creation or the previous (write) run left dirty, so its writeback
+    # does not land in this run.
+    sync
     if [ $which = A ]; then
         label=qsd
         expand_template "$SOCK" "$IMG" "$QUEUES" "$IOT" "$QMP" "$PIDF" "${QSD_TEMPLATE[@]}"
