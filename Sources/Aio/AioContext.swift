@@ -30,6 +30,9 @@ public enum IORequest {
     /// `pwritev`: gather from `count` buffers (same lifetime rule as ``readv``).
     case writev(fd: Int32, iovecs: UnsafePointer<iovec>, count: Int, offset: UInt64)
     case fsync(fd: Int32, dataOnly: Bool)
+    /// `fallocate(2)` with `mode` (a virtio-blk discard punches a hole, write-zeroes zeroes a
+    /// range).
+    case fallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64)
     /// Completes with `-ETIME` after the given number of nanoseconds.
     case timeout(nanoseconds: Int64)
 }

@@ -95,6 +95,8 @@ final class IOUringMonitor: FDMonitor {
                 return ring.prepareWritev(fd: fd, iovecs: iovecs, count: UInt32(count), offset: offset, userData: userData)
             case .fsync(let fd, let dataOnly):
                 return ring.prepareFsync(fd: fd, dataOnly: dataOnly, userData: userData)
+            case .fallocate(let fd, let mode, let offset, let length):
+                return ring.prepareFallocate(fd: fd, mode: mode, offset: offset, length: length, userData: userData)
             case .timeout(let ns):
                 return ring.prepareTimeout(nanoseconds: ns, userData: userData)
             }

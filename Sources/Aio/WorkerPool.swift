@@ -13,6 +13,7 @@
 // context for the duration of the call; if the home thread dropped its last reference
 // meanwhile, the context's deinit — which joins the workers — would run on a worker and
 // join itself. Found by a repro that destroyed contexts while their workers finished.)
+import CShims
 import Glibc
 import Synchronization
 
@@ -124,6 +125,10 @@ final class WorkerPool: Sendable {
                 rc = pwritev(fd, iovecs, Int32(count), off_t(Int64(bitPattern: offset)))
             case .fsync(let fd, let dataOnly):
                 rc = Int(dataOnly ? fdatasync(fd) : fsync(fd))
+            case .fallocate(let fd, let mode, let offset, let length):
+                let r = dp_fallocate(fd, mode, Int64(bitPattern: offset), Int64(bitPattern: length))
+                if r == -EINTR { continue }
+                return r
             case .nop, .timeout:
                 return 0
             }

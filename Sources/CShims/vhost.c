@@ -4,6 +4,7 @@
 #define _GNU_SOURCE
 #include "CShims.h"
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -75,6 +76,10 @@ long dp_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int
         n = sendmsg(sock, &msg, MSG_NOSIGNAL);
     } while (n < 0 && errno == EINTR);
     return n < 0 ? -errno : n;
+}
+
+int dp_fallocate(int fd, int mode, long long offset, long long length) {
+    return fallocate(fd, mode, (off_t)offset, (off_t)length) == 0 ? 0 : -errno;
 }
 
 int dp_memfd_create(const char *name) {

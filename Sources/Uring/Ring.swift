@@ -143,6 +143,14 @@ public struct Ring: ~Copyable {
         prepare(userData: userData) { io_uring_prep_writev($0, fd, iovecs, count, offset) }
     }
 
+    /// Queues an `fallocate` (`mode` as fallocate(2): punch a hole, zero a range...).
+    @inlinable
+    public mutating func prepareFallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64, userData: UInt64) -> Bool {
+        prepare(userData: userData) {
+            io_uring_prep_fallocate($0, fd, mode, off_t(Int64(bitPattern: offset)), off_t(Int64(bitPattern: length)))
+        }
+    }
+
     /// Queues an `fsync` (or `fdatasync` when `dataOnly`).
     @inlinable
     public mutating func prepareFsync(fd: Int32, dataOnly: Bool, userData: UInt64) -> Bool {

@@ -102,6 +102,21 @@ struct CompletionIOTests {
         #expect(onDisk == out.flatMap { Array($0) })
     }
 
+    @Test("fallocate punches a hole that reads back as zeros", arguments: backends)
+    func fallocatePunchesHole(_ backend: AioContext.Backend) throws {
+        let file = try TemporaryFile(bytes: [UInt8](repeating: 0xA5, count: 16384))
+        let ctx = try makeContext(backend)
+        let result = Local<Int32?>(nil)
+        // FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        ctx.submit(.fallocate(fd: file.fd, mode: 0x03, offset: 4096, length: 8192)) { result.value = $0 }
+        run(ctx) { result.value != nil }
+        #expect(result.value == 0)
+        var back = [UInt8](repeating: 1, count: 16384)
+        #expect(pread(file.fd, &back, 16384, 0) == 16384)
+        #expect(back[0..<4096].allSatisfy { $0 == 0xA5 } && back[12288...].allSatisfy { $0 == 0xA5 })
+        #expect(back[4096..<12288].allSatisfy { $0 == 0 })
+    }
+
     @Test("a failing request reports its errno to the callback", arguments: backends)
     func failingRequestReportsErrno(_ backend: AioContext.Backend) throws {
         let ctx = try makeContext(backend)

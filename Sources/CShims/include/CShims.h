@@ -64,6 +64,9 @@ long dp_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int
 /// Returns the bytes sent or -errno.
 long dp_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
 
+/// fallocate(2) (glibc declares it only under _GNU_SOURCE). Returns 0 or -errno.
+int dp_fallocate(int fd, int mode, long long offset, long long length);
+
 /// memfd_create(2) with MFD_CLOEXEC. Returns the fd or -errno.
 int dp_memfd_create(const char *name);
 
