@@ -107,6 +107,14 @@ public enum VirtioBlk {
     public static let typeGetID: UInt32 = 8
     public static let typeDiscard: UInt32 = 11
     public static let typeWriteZeroes: UInt32 = 13
+    /// Discard / write-zeroes segment flag: the range may be deallocated.
+    public static let writeZeroesFlagUnmap: UInt32 = 1
+    /// The most sectors one discard or write-zeroes segment may cover (config space).
+    public static let maxDiscardSectors: UInt64 = 32768
+    // fallocate(2) modes (glibc defines them only under _GNU_SOURCE).
+    static let fallocKeepSize: Int32 = 0x01
+    static let fallocPunchHole: Int32 = 0x02
+    static let fallocZeroRange: Int32 = 0x10
     /// Legacy flag bit in `type`, masked off before dispatch (as QEMU does).
     public static let typeBarrier: UInt32 = 0x8000_0000
     public static let statusOK: UInt8 = 0

@@ -68,6 +68,11 @@ public final class DeviceQueue: @unchecked Sendable {
         var busy = false
         /// A write-through write is waiting for its fdatasync.
         var syncing = false
+        /// A write-zeroes fell back from zeroing a range to punching a hole.
+        var punching = false
+        /// Discard / write zeroes: the range and the fallocate mode.
+        var extentSectors: UInt64 = 0
+        var fallocateMode: Int32 = 0
     }
 
     enum Parsed {
@@ -299,6 +304,8 @@ public final class DeviceQueue: @unchecked Sendable {
             } else {
                 complete(head: head, status: VirtioBlk.statusOK, written: 0)
             }
+        case VirtioBlk.typeDiscard, VirtioBlk.typeWriteZeroes:
+            startDiscardOrWriteZeroes(head: head)
         case VirtioBlk.typeGetID:
             // The serial, NUL-padded, never more than 20 bytes or than the buffer.
             let n = min(req.dataLen, VirtioBlk.idBytes)
@@ -316,6 +323,49 @@ public final class DeviceQueue: @unchecked Sendable {
         default:
             complete(head: head, status: VirtioBlk.statusUnsupported, written: 0)
         }
+    }
+
+    /// Discard and write zeroes (virtio 1.x 5.2.6.2), as qemu-storage-daemon 7.2 checks them:
+    /// one 16-byte segment (more is UNSUPP), known flags only, no UNMAP on a discard, at most
+    /// 32768 sectors, inside the disk, and a writable disk. A file gets an fallocate: a hole
+    /// for discard (and for write zeroes that allows unmapping), a zeroed range otherwise.
+    func startDiscardOrWriteZeroes(head: Int) {
+        let req = slots[head]
+        let discard = req.type == VirtioBlk.typeDiscard
+        guard !backend.readOnly else { return complete(head: head, status: VirtioBlk.statusIOErr, written: 0) }
+        guard req.dataLen <= 16 else { return complete(head: head, status: VirtioBlk.statusUnsupported, written: 0) }
+        guard req.dataLen == 16 else { return complete(head: head, status: VirtioBlk.statusIOErr, written: 0) }
+        var segment = (UInt64(0), UInt64(0))
+        withUnsafeMutableBytes(of: &segment) { out in
+            var copied = 0
+            var k = req.dataStart
+            while copied < 16 {
+                let v = iovs[head][k]
+                k += 1
+                let take = min(v.iov_len, 16 - copied)
+                out.baseAddress!.advanced(by: copied).copyMemory(from: v.iov_base!, byteCount: take)
+                copied += take
+            }
+        }
+        let sector = UInt64(littleEndian: segment.0)
+        let count = UInt64(UInt32(truncatingIfNeeded: UInt64(littleEndian: segment.1)))
+        let flags = UInt32(truncatingIfNeeded: UInt64(littleEndian: segment.1) >> 32)
+        let unmap = flags & VirtioBlk.writeZeroesFlagUnmap != 0
+        guard flags & ~VirtioBlk.writeZeroesFlagUnmap == 0, !(discard && unmap) else {
+            return complete(head: head, status: VirtioBlk.statusUnsupported, written: 0)
+        }
+        guard count <= VirtioBlk.maxDiscardSectors, inRange(sector: sector, bytes: Int(count) * Int(VirtioBlk.sectorSize)) else {
+            return complete(head: head, status: VirtioBlk.statusIOErr, written: 0)
+        }
+        guard case .file = backend.backend, count > 0 else {
+            return complete(head: head, status: VirtioBlk.statusOK, written: 0)
+        }
+        let mode = discard || unmap ? VirtioBlk.fallocPunchHole | VirtioBlk.fallocKeepSize : VirtioBlk.fallocZeroRange | VirtioBlk.fallocKeepSize
+        slots[head].sector = sector
+        slots[head].extentSectors = count
+        slots[head].fallocateMode = mode
+        context!.submit(.fallocate(fd: backend.fileDescriptor, mode: mode, offset: sector &* VirtioBlk.sectorSize,
+                                   length: count &* VirtioBlk.sectorSize), completions[head])
     }
 
     /// A whole number of 512-byte sectors inside the backend (overflow-safe).
@@ -410,7 +460,7 @@ public final class DeviceQueue: @unchecked Sendable {
         let type = UInt32(truncatingIfNeeded: UInt64(littleEndian: header.0)) & ~VirtioBlk.typeBarrier
         slots[head].type = type
         slots[head].sector = UInt64(littleEndian: header.1)
-        if type == VirtioBlk.typeOut {
+        if type == VirtioBlk.typeOut || type == VirtioBlk.typeDiscard || type == VirtioBlk.typeWriteZeroes {
             // Data: the readable bytes after the header.
             var skip = VirtioBlk.headerSize
             var k = 0
@@ -446,7 +496,20 @@ public final class DeviceQueue: @unchecked Sendable {
         let req = slots[head]
         let isFile: Bool
         if case .file = backend.backend { isFile = true } else { isFile = false }
-        if req.syncing {
+        if req.type == VirtioBlk.typeDiscard || req.type == VirtioBlk.typeWriteZeroes {
+            if result == -EOPNOTSUPP && req.type == VirtioBlk.typeWriteZeroes && !req.punching {
+                // No zeroed ranges on this file system: a hole reads back as zeros too.
+                slots[head].punching = true
+                context!.submit(.fallocate(fd: backend.fileDescriptor, mode: VirtioBlk.fallocPunchHole | VirtioBlk.fallocKeepSize,
+                                           offset: req.sector &* VirtioBlk.sectorSize,
+                                           length: req.extentSectors &* VirtioBlk.sectorSize), completions[head])
+                return
+            }
+            slots[head].punching = false
+            // A discard is a hint: a file system without holes has done nothing wrong.
+            let ok = result >= 0 || (req.type == VirtioBlk.typeDiscard && result == -EOPNOTSUPP)
+            complete(head: head, status: ok ? VirtioBlk.statusOK : VirtioBlk.statusIOErr, written: 0)
+        } else if req.syncing {
             slots[head].syncing = false
             complete(head: head, status: result < 0 ? VirtioBlk.statusIOErr : VirtioBlk.statusOK, written: 0)
         } else if result < 0 || (isFile && req.type != VirtioBlk.typeFlush && Int(result) != req.dataLen) {

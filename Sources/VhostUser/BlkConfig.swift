@@ -1,6 +1,8 @@
 // The virtio-blk device a vhost-user-blk export shows the guest: its feature offer and its
 // config space (struct virtio_blk_config, little-endian), as qemu-storage-daemon 7.2 fills it.
 
+import Devices
+
 /// What an export tells the front end about its disk.
 struct BlkDeviceDescription {
     var capacityBytes: UInt64
@@ -12,12 +14,12 @@ struct BlkDeviceDescription {
 
     /// Virtio features offered: what QEMU 7.2's vhost-user-blk keeps and a Linux guest
     /// uses, minus what this back end does not implement (indirect descriptors, event index,
-    /// discard, write zeroes, size_max).
+    /// size_max). Discard and write zeroes only when writable.
     var features: UInt64 {
         var f = VirtioBlkFeature.segMax | VirtioBlkFeature.blkSize | VirtioBlkFeature.flush
             | VirtioBlkFeature.topology | VirtioBlkFeature.configWCE | VirtioBlkFeature.multiQueue
             | VirtioBlkFeature.version1 | VhostUser.protocolFeaturesBit
-        if readOnly { f |= VirtioBlkFeature.readOnly }
+        if readOnly { f |= VirtioBlkFeature.readOnly } else { f |= VirtioBlkFeature.discard | VirtioBlkFeature.writeZeroes }
         return f
     }
 
@@ -42,6 +44,12 @@ struct BlkDeviceDescription {
         put(UInt32(1), at: 28)  // opt_io_size
         put(UInt8(writeCache ? 1 : 0), at: 32)  // wce
         put(UInt16(numQueues), at: 34)  // num_queues
+        put(UInt32(VirtioBlk.maxDiscardSectors), at: 36)  // max_discard_sectors
+        put(UInt32(1), at: 40)  // max_discard_seg
+        put(logicalBlockSize / 512, at: 44)  // discard_sector_alignment
+        put(UInt32(VirtioBlk.maxDiscardSectors), at: 48)  // max_write_zeroes_sectors
+        put(UInt32(1), at: 52)  // max_write_zeroes_seg
+        put(UInt8(0), at: 56)  // write_zeroes_may_unmap
         return Array(c[offset..<offset + count])
     }
 }

@@ -122,6 +122,8 @@ public enum VirtioBlkFeature {
     public static let topology: UInt64 = 1 << 10
     public static let configWCE: UInt64 = 1 << 11
     public static let multiQueue: UInt64 = 1 << 12
+    public static let discard: UInt64 = 1 << 13
+    public static let writeZeroes: UInt64 = 1 << 14
     public static let indirectDesc: UInt64 = 1 << 28
     public static let eventIdx: UInt64 = 1 << 29
     public static let version1: UInt64 = 1 << 32

@@ -106,6 +106,57 @@ struct ExportTests {
         #expect(access(rig.path, F_OK) != 0, "the socket file is removed")
     }
 
+    @Test("discard and write zeroes: one segment, known flags, inside the disk; the file reads zeros after",
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
+    func discardAndWriteZeroes(_ fdmon: AioContext.Backend) async throws {
+        try await withRig(fdmon) { rig in
+            let fe = try rig.frontEnd()
+            let config = try fe.connect(queues: 1)
+            let limits = config.withUnsafeBytes { c in
+                (c.loadUnaligned(fromByteOffset: 36, as: UInt32.self), c.loadUnaligned(fromByteOffset: 40, as: UInt32.self),
+                 c.loadUnaligned(fromByteOffset: 48, as: UInt32.self), c.loadUnaligned(fromByteOffset: 52, as: UInt32.self))
+            }
+            #expect(limits == (32768, 1, 32768, 1))
+            let offered = try fe.getU64(.getFeatures)
+            #expect(offered & VirtioBlkFeature.discard != 0 && offered & VirtioBlkFeature.writeZeroes != 0)
+            try fe.start(queues: 1, features: linuxFeatures(offered))
+            let ones = [UInt8](repeating: 0xA5, count: 1 << 20)
+            _ = ones.withUnsafeBytes { pwrite(rig.disk.fd, $0.baseAddress, $0.count, 0) }
+            let d = RawDriver(fe)
+            let r = d.ring
+            let hdr: UInt64 = 0x300000, seg: UInt64 = 0x300040, status: UInt64 = 0x300100
+            let N = SplitRingLayout.descNext
+            func request(_ type: UInt32, sector: UInt64, count: UInt32, flags: UInt32, segments: Int = 1) -> UInt8? {
+                d.header(at: hdr, type: type, sector: 0)
+                let b = d.bytes(at: seg, 32)
+                for k in 0..<2 {
+                    b.storeBytes(of: sector, toByteOffset: 16 * k, as: UInt64.self)
+                    b.storeBytes(of: count, toByteOffset: 16 * k + 8, as: UInt32.self)
+                    b.storeBytes(of: flags, toByteOffset: 16 * k + 12, as: UInt32.self)
+                }
+                d.bytes(at: status, 1)[0] = 0xEE
+                r.setDescriptor(0, addr: hdr, len: 16, flags: N, next: 1)
+                r.setDescriptor(1, addr: seg, len: UInt32(16 * segments), flags: N, next: 2)
+                r.setDescriptor(2, addr: status, len: 1, flags: SplitRingLayout.descWrite, next: 0)
+                guard d.post(0)?.len == 1 else { return nil }
+                return d.bytes(at: status, 1)[0]
+            }
+            #expect(request(VirtioBlk.typeWriteZeroes, sector: 8, count: 16, flags: 0) == VirtioBlk.statusOK)
+            #expect(rig.disk.read(at: 8 * 512, count: 16 * 512) == [UInt8](repeating: 0, count: 16 * 512))
+            #expect(rig.disk.read(at: 0, count: 8 * 512) == [UInt8](repeating: 0xA5, count: 8 * 512), "only the range")
+            #expect(request(VirtioBlk.typeWriteZeroes, sector: 64, count: 8, flags: VirtioBlk.writeZeroesFlagUnmap) == VirtioBlk.statusOK)
+            #expect(rig.disk.read(at: 64 * 512, count: 8 * 512) == [UInt8](repeating: 0, count: 8 * 512))
+            #expect(request(VirtioBlk.typeDiscard, sector: 256, count: 128, flags: 0) == VirtioBlk.statusOK)
+            #expect(request(VirtioBlk.typeDiscard, sector: 0, count: 8, flags: VirtioBlk.writeZeroesFlagUnmap) == VirtioBlk.statusUnsupported)
+            #expect(request(VirtioBlk.typeWriteZeroes, sector: 0, count: 8, flags: 2) == VirtioBlk.statusUnsupported)
+            #expect(request(VirtioBlk.typeDiscard, sector: 0, count: 8, flags: 0, segments: 2) == VirtioBlk.statusUnsupported)
+            #expect(request(VirtioBlk.typeWriteZeroes, sector: 0, count: 40000, flags: 0) == VirtioBlk.statusIOErr)
+            #expect(request(VirtioBlk.typeWriteZeroes, sector: 2047, count: 2, flags: 0) == VirtioBlk.statusIOErr)
+            #expect(rig.disk.read(at: 0, count: 8 * 512) == [UInt8](repeating: 0xA5, count: 8 * 512))
+            #expect(rig.disk.currentSize == 1 << 20)
+        }
+    }
+
     @Test("two queues each serve their own requests", .timeLimit(.minutes(1)), arguments: backendsUnderTest)
     func twoQueues(_ fdmon: AioContext.Backend) async throws {
         let rig = try Rig(fdmon, queues: 2)
