@@ -557,6 +557,10 @@ final class Session: @unchecked Sendable {
             let w = v.waiters
             v.waiters = []
             for body in w { body() }
+            // The ring may have been enabled again while it drained (ENABLE 0 then 1).
+            if !closed && !paused {
+                do throws(VhostUserProtocolError) { try reconcile(v) } catch { disconnect(error.message) }
+            }
         }
     }
 

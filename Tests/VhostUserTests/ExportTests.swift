@@ -282,6 +282,25 @@ struct ExportTests {
         }
     }
 
+    @Test("a ring disabled and enabled again while it drains runs again afterwards", .timeLimit(.minutes(1)),
+          arguments: backendsUnderTest)
+    func reenabledWhileDraining(_ fdmon: AioContext.Backend) async throws {
+        try await withRig(fdmon, backend: .delay(nanoseconds: 30_000_000)) { rig in
+            let fe = try rig.frontEnd()
+            try fe.connect(queues: 1)
+            try fe.start(queues: 1, features: linuxFeatures(try fe.getU64(.getFeatures)))
+            let g = fe.guests[0]
+            for id in 0..<3 { g.submit(id: UInt64(id)) }
+            #expect(eventually { rig.export.inFlight == 3 })
+            try fe.state(.setVringEnable, index: 0, num: 0)
+            try fe.state(.setVringEnable, index: 0, num: 1)
+            for id in 3..<6 { g.submit(id: UInt64(id)) }
+            var n = 0
+            #expect(reap(g, count: 6) { _, s, _, _ in if s == 0 { n += 1 } } == 6)
+            #expect(n == 6)
+        }
+    }
+
     @Test("delete with requests in flight drains them, then releases the IOThread and removes the socket",
           .timeLimit(.minutes(1)), arguments: backendsUnderTest)
     func deleteDrains(_ fdmon: AioContext.Backend) async throws {
