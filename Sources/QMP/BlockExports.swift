@@ -157,7 +157,11 @@ extension Monitor {
         exportOrder.append(id)
     }
 
-    func blockExportDel(_ args: JSON) throws {
+    /// Answers once the export is gone, after BLOCK_EXPORT_DELETED: the order qemu-storage-daemon
+    /// 7.2 shows when nothing holds the export, so a client that stops reading at the answer
+    /// has seen the event. This session's later commands wait, in order; other sessions are
+    /// served meanwhile (the drain never blocks the main loop).
+    func blockExportDel(_ args: JSON, _ done: @escaping Done) throws {
         let a = try Arguments(args, ["id": .string, "mode": .string], required: ["id"])
         let id = a.string("id")!
         if let mode = a.string("mode"), mode != "safe" && mode != "hard" {
@@ -166,7 +170,7 @@ extension Monitor {
         guard let entry = exports[id] else { throw QMPError("Export '\(id)' is not found") }
         guard !entry.shuttingDown else { throw QMPError("Export '\(id)' is already shutting down") }
         entry.shuttingDown = true
-        deleteExport(entry, id: id) {}
+        deleteExport(entry, id: id) { done(.success(.object([]))) }
     }
 
     /// Deletes the export (drain, release the IOThread), then forgets it and emits

@@ -254,8 +254,7 @@ public final class Monitor: @unchecked Sendable {
                 try blockExportAdd(args)
                 done(.success(.object([])))
             case "block-export-del":
-                try blockExportDel(args)
-                done(.success(.object([])))
+                try blockExportDel(args, done)
             case "query-block-exports":
                 _ = try Arguments(args, [:])
                 done(.success(queryBlockExports()))
