@@ -52,6 +52,7 @@ public final class Export: @unchecked Sendable {
         var refused = 0
         var errors: [String] = []
         var queues: [QueueStatistics?] = []
+        var shuttingDown = false
         var deleted = false
     }
     let shared: Locked<Shared>
@@ -214,7 +215,8 @@ public final class Export: @unchecked Sendable {
     /// - Throws: ``ExportError`` (`Export 'ID' is already shutting down`) on a second call.
     public func delete() async throws(ExportError) {
         let first = shared.withLock { s -> Bool in
-            guard let _ = s.hold, !s.deleted else { return false }
+            guard !s.shuttingDown else { return false }
+            s.shuttingDown = true
             return true
         }
         guard first else { throw ExportError("Export '\(id)' is already shutting down") }
@@ -240,12 +242,7 @@ public final class Export: @unchecked Sendable {
             unlink(socketPath)
         }
         guard let s = session else { return done() }
-        if deleting != nil {
-            let earlier = deleting!
-            deleting = { earlier(); done() }
-        } else {
-            deleting = done
-        }
+        deleting = done  // delete() lets only one caller get here
         s.disconnect("export deleted")
     }
 }

@@ -208,9 +208,15 @@ final class FrontEnd {
         while true {
             let r = recv(sock, &b, 64, 0)
             if r == 0 { return true }
-            if r < 0 { return errno == ECONNRESET }
+            if r < 0 {
+                if errno == EINTR { continue }
+                if errno != ECONNRESET { lastErrno = errno }
+                return errno == ECONNRESET
+            }
         }
     }
+    /// The errno of the last failed closedByPeer (diagnostics).
+    var lastErrno: Int32 = 0
 
     // MARK: - QEMU 7.2's sequences (reference section 1.6)
 

@@ -247,7 +247,7 @@ struct HostileTests {
             for (name, body) in cases {
                 let fe = try rig.frontEnd()
                 try body(fe)
-                #expect(fe.closedByPeer(), "\(name): the connection is closed")
+                #expect(fe.closedByPeer(), "\(name): the connection is closed (errno \(fe.lastErrno))")
                 #expect(eventually { !rig.export.isConnected }, "\(name)")
             }
             // Every fd the bad messages carried was closed by the back end.
