@@ -56,7 +56,7 @@ extension Monitor {
             guard let path = a.string("filename") else { throw QMPError("Parameter 'filename' is missing") }
             var direct = false
             if let cache = a["cache"], case .bool(let d)? = cache["direct"] { direct = d }
-            let fd = Glibc.open(path, readOnly ? O_RDONLY : O_RDWR)
+            let fd = Glibc.open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
             guard fd >= 0 else { throw QMPError("Could not open '\(path)': \(String(cString: strerror(errno)))") }
             Glibc.close(fd)
             kind = .file(path: path, direct: direct)

@@ -27,6 +27,7 @@ struct BlockExportTests {
         _ = h.send(#"{"execute":"qmp_capabilities"}"#)
         var template = Array("/tmp/dataplane-qmp-disk-XXXXXX".utf8CString)
         let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)  // exit tests running meanwhile must not inherit it
         let file = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         defer { close(fd); unlink(file) }
         #expect(ftruncate(fd, 1 << 20) == 0)

@@ -45,6 +45,7 @@ final class DiskImage {
         var template = Array("/tmp/dataplane-vhost-disk-XXXXXX".utf8CString)
         fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
         guard fd >= 0 else { throw TestFailure("mkstemp failed") }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)  // exit tests running meanwhile must not inherit it
         path = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         self.size = size
         let bytes = [UInt8](repeating: fill, count: size)
