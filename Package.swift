@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "Uring", targets: ["Uring"]),
         .library(name: "IOThreads", targets: ["IOThreads"]),
         .library(name: "Devices", targets: ["Devices"]),
+        .library(name: "VhostUser", targets: ["VhostUser"]),
         .executable(name: "dataplane", targets: ["dataplane"]),
     ],
     dependencies: [
@@ -33,7 +34,8 @@ let package = Package(
         .target(name: "Aio", dependencies: ["Uring", "CShims"], swiftSettings: strict),
         .target(name: "IOThreads", dependencies: ["Aio", "CShims"], swiftSettings: strict),
         .target(name: "Devices", dependencies: ["IOThreads", "Aio", "CShims"], swiftSettings: strict),
-        .target(name: "QMP", dependencies: ["Devices", "IOThreads", "Aio", "CShims"], swiftSettings: strict),
+        .target(name: "VhostUser", dependencies: ["Devices", "IOThreads", "Aio", "CShims"], swiftSettings: strict),
+        .target(name: "QMP", dependencies: ["Devices", "VhostUser", "IOThreads", "Aio", "CShims"], swiftSettings: strict),
         .target(
             name: "LoadGen",
             dependencies: ["Devices", "IOThreads", "Aio", .product(name: "Histogram", package: "hdrhistogram-swift")],
@@ -48,7 +50,8 @@ let package = Package(
         .testTarget(name: "AioTests", dependencies: ["Aio", "Uring", "CShims"], swiftSettings: strict),
         .testTarget(name: "IOThreadsTests", dependencies: ["IOThreads", "Aio"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "IOThreads", "Aio", "CShims"], swiftSettings: strict),
-        .testTarget(name: "QMPTests", dependencies: ["QMP", "Aio", "IOThreads", "CShims"], swiftSettings: strict),
+        .testTarget(name: "QMPTests", dependencies: ["QMP", "VhostUser", "Aio", "IOThreads", "CShims"], swiftSettings: strict),
+        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Devices", "IOThreads", "Aio", "CShims"], swiftSettings: strict),
         .testTarget(name: "LoadGenTests", dependencies: ["LoadGen", "Devices", "Aio"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]

@@ -24,7 +24,15 @@ public enum IORequest {
     case nop
     case read(fd: Int32, buffer: UnsafeMutableRawBufferPointer, offset: UInt64)
     case write(fd: Int32, buffer: UnsafeRawBufferPointer, offset: UInt64)
+    /// `preadv`: scatter into `count` buffers. The iovec array, like the buffers, must stay
+    /// valid until the completion callback runs.
+    case readv(fd: Int32, iovecs: UnsafePointer<iovec>, count: Int, offset: UInt64)
+    /// `pwritev`: gather from `count` buffers (same lifetime rule as ``readv``).
+    case writev(fd: Int32, iovecs: UnsafePointer<iovec>, count: Int, offset: UInt64)
     case fsync(fd: Int32, dataOnly: Bool)
+    /// `fallocate(2)` with `mode` (a virtio-blk discard punches a hole, write-zeroes zeroes a
+    /// range).
+    case fallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64)
     /// Completes with `-ETIME` after the given number of nanoseconds.
     case timeout(nanoseconds: Int64)
 }

@@ -17,6 +17,19 @@ public final class EventNotifier: Sendable {
         fileDescriptor = fd
     }
 
+    /// Takes ownership of an eventfd someone else created (a vhost-user front end's kick or
+    /// call fd). It is made non-blocking and close-on-exec: an fd passed over a socket
+    /// arrives blocking, and a blocking read of an unset eventfd would stall the loop.
+    /// - Throws: ``AioError`` when `fd` is not an open descriptor (nothing is closed then).
+    public init(adopting fd: Int32) throws(AioError) {
+        let flags = fcntl(fd, F_GETFL)
+        guard flags >= 0, fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0 else {
+            throw AioError.syscall("fcntl(O_NONBLOCK)", errno: errno)
+        }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        fileDescriptor = fd
+    }
+
     deinit { close(fileDescriptor) }
 
     /// Signals the notifier (adds 1 to the counter). Never blocks.

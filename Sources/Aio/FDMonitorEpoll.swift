@@ -111,7 +111,7 @@ final class EpollMonitor: FDMonitor {
             ctx.makeTimer { [unowned(unsafe) ctx] in
                 ctx.requestCompleted(userData: userData, result: -ETIME)
             }.arm(after: ns)
-        case .read, .write, .fsync:
+        case .read, .write, .readv, .writev, .fsync, .fallocate:
             if pool == nil {
                 guard let p = try? WorkerPool() else { return false }
                 let ctx = context

@@ -95,8 +95,14 @@ final class IOUringMonitor: FDMonitor {
         case .write(let fd, let buffer, let offset):
             return ring.prepareWrite(fd: fd, buffer: buffer.baseAddress!, count: UInt32(buffer.count),
                                      offset: offset, userData: userData)
+        case .readv(let fd, let iovecs, let count, let offset):
+            return ring.prepareReadv(fd: fd, iovecs: iovecs, count: UInt32(count), offset: offset, userData: userData)
+        case .writev(let fd, let iovecs, let count, let offset):
+            return ring.prepareWritev(fd: fd, iovecs: iovecs, count: UInt32(count), offset: offset, userData: userData)
         case .fsync(let fd, let dataOnly):
             return ring.prepareFsync(fd: fd, dataOnly: dataOnly, userData: userData)
+        case .fallocate(let fd, let mode, let offset, let length):
+            return ring.prepareFallocate(fd: fd, mode: mode, offset: offset, length: length, userData: userData)
         case .timeout(let ns):
             return ring.prepareTimeout(nanoseconds: ns, userData: userData)
         }

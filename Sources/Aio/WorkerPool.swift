@@ -13,6 +13,7 @@
 // context for the duration of the call; if the home thread dropped its last reference
 // meanwhile, the context's deinit — which joins the workers — would run on a worker and
 // join itself. Found by a repro that destroyed contexts while their workers finished.)
+import CShims
 import Glibc
 import Synchronization
 
@@ -118,8 +119,16 @@ final class WorkerPool: Sendable {
                 rc = pread(fd, buffer.baseAddress, buffer.count, off_t(Int64(bitPattern: offset)))
             case .write(let fd, let buffer, let offset):
                 rc = pwrite(fd, buffer.baseAddress, buffer.count, off_t(Int64(bitPattern: offset)))
+            case .readv(let fd, let iovecs, let count, let offset):
+                rc = preadv(fd, iovecs, Int32(count), off_t(Int64(bitPattern: offset)))
+            case .writev(let fd, let iovecs, let count, let offset):
+                rc = pwritev(fd, iovecs, Int32(count), off_t(Int64(bitPattern: offset)))
             case .fsync(let fd, let dataOnly):
                 rc = Int(dataOnly ? fdatasync(fd) : fsync(fd))
+            case .fallocate(let fd, let mode, let offset, let length):
+                let r = dp_fallocate(fd, mode, Int64(bitPattern: offset), Int64(bitPattern: length))
+                if r == -EINTR { continue }
+                return r
             case .nop, .timeout:
                 return 0
             }

@@ -29,16 +29,28 @@ public final class GuestQueue {
     public static let dataBytes = 4096
 
     /// The guest side of `device`'s queue `queue`, using guest memory from `bufferBase`.
-    public init(device: VirtioBlkDevice, queue: Int, bufferBase: UInt64? = nil) throws(DeviceError) {
+    public convenience init(device: VirtioBlkDevice, queue: Int, bufferBase: UInt64? = nil) throws(DeviceError) {
         let layout = device.layouts[queue]
-        ring = try SplitRing(memory: device.memory, layout: layout)
-        memory = device.memory
-        (kick, irq) = device.notifiers(queue: queue)
+        let perQueue = GuestQueue.bytesNeeded(queueSize: layout.size)
+        let (kick, irq) = device.notifiers(queue: queue)
+        try self.init(memory: device.memory, layout: layout, kick: kick, interrupt: irq,
+                      bufferBase: bufferBase ?? (device.freeMemoryStart + UInt64(queue) * perQueue))
+    }
+
+    /// The guest side of a ring at `layout` (guest-physical addresses) in `memory`, with
+    /// its request buffers from `bufferBase` (``bytesNeeded(queueSize:)`` bytes). A
+    /// vhost-user test front end drives a real back end with it.
+    public init(memory: GuestMemory, layout: SplitRingLayout, kick: EventNotifier, interrupt: EventNotifier,
+                bufferBase: UInt64) throws(DeviceError) {
+        ring = try SplitRing(memory: memory, layout: layout)
+        self.memory = memory
+        self.kick = kick
+        irq = interrupt
         capacity = layout.size / 3
         let perQueue = GuestQueue.bytesNeeded(queueSize: layout.size)
-        self.bufferBase = bufferBase ?? (device.freeMemoryStart + UInt64(queue) * perQueue)
-        guard memory.pointer(at: self.bufferBase, length: Int(perQueue)) != nil else {
-            throw DeviceError("guest memory too small for \(capacity) requests on queue \(queue)")
+        self.bufferBase = bufferBase
+        guard memory.pointer(at: bufferBase, length: Int(perQueue)) != nil else {
+            throw DeviceError("guest memory too small for \(capacity) requests")
         }
         freeSlots = Array((0..<capacity).reversed())
         slotRequest = [UInt64](repeating: 0, count: capacity)

@@ -18,10 +18,19 @@ public struct SplitRingLayout: Sendable, Equatable {
     public let availAddr: UInt64
     public let usedAddr: UInt64
 
+    /// A layout from the three addresses a driver chose (vhost-user's SET_VRING_ADDR).
+    public init(size: Int, descAddr: UInt64, availAddr: UInt64, usedAddr: UInt64) {
+        self.size = size
+        self.descAddr = descAddr
+        self.availAddr = availAddr
+        self.usedAddr = usedAddr
+    }
+
     public static let noNotify: UInt16 = 1  // VRING_USED_F_NO_NOTIFY
     public static let noInterrupt: UInt16 = 1  // VRING_AVAIL_F_NO_INTERRUPT
     public static let descNext: UInt16 = 1  // VRING_DESC_F_NEXT
     public static let descWrite: UInt16 = 2  // VRING_DESC_F_WRITE
+    public static let descIndirect: UInt16 = 4  // VRING_DESC_F_INDIRECT
 
     /// Lays a ring of `size` entries out at `base`; returns the layout and the end offset.
     public static func at(_ base: UInt64, size: Int) -> (SplitRingLayout, UInt64) {
@@ -46,11 +55,29 @@ public struct SplitRing: @unchecked Sendable {
     let used: UnsafeMutableRawPointer
     let mask: Int
 
-    public init(memory: GuestMemory, layout: SplitRingLayout) throws(DeviceError) {
-        guard let d = memory.pointer(at: layout.descAddr, length: 16 * layout.size),
-              let a = memory.pointer(at: layout.availAddr, length: 6 + 2 * layout.size),
-              let u = memory.pointer(at: layout.usedAddr, length: 6 + 8 * layout.size)
-        else { throw DeviceError("virtqueue does not fit in guest memory") }
+    /// A view of the ring at `layout`, whose addresses are in `space`. Each of the three
+    /// parts must lie whole inside one region and be aligned as virtio requires (descriptor
+    /// table 16, avail ring 2, used ring 4), in guest and in host addresses: a misaligned load
+    /// would trap.
+    /// - Throws: ``DeviceError`` naming the part that does not fit or is misaligned.
+    public init(memory: GuestMemory, layout: SplitRingLayout, in space: GuestMemory.AddressSpace = .guestPhysical)
+        throws(DeviceError)
+    {
+        guard layout.size > 0, layout.size <= 32768, layout.size & (layout.size - 1) == 0 else {
+            throw DeviceError("virtqueue size \(layout.size) is not a power of 2 in [1, 32768]")
+        }
+        func part(_ name: String, _ addr: UInt64, _ length: Int, _ align: Int) throws(DeviceError) -> UnsafeMutableRawPointer {
+            guard let p = memory.pointer(at: addr, length: length, in: space) else {
+                throw DeviceError("virtqueue \(name) (\(length) bytes at 0x\(String(addr, radix: 16))) is not inside one guest memory region")
+            }
+            guard addr % UInt64(align) == 0, Int(bitPattern: p) % align == 0 else {
+                throw DeviceError("virtqueue \(name) at 0x\(String(addr, radix: 16)) is not \(align)-byte aligned")
+            }
+            return p
+        }
+        let d = try part("descriptor table", layout.descAddr, 16 * layout.size, 16)
+        let a = try part("avail ring", layout.availAddr, 6 + 2 * layout.size, 2)
+        let u = try part("used ring", layout.usedAddr, 6 + 8 * layout.size, 4)
         self.layout = layout
         desc = d
         avail = a

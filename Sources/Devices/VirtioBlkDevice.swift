@@ -29,7 +29,7 @@ public final class VirtioBlkDevice: @unchecked Sendable {
     /// Guest memory after the rings, free for request buffers.
     public let freeMemoryStart: UInt64
     let queues: [DeviceQueue]
-    let fileFD: Int32
+    let opened: OpenBlockBackend
 
     struct Lifecycle {
         var phase: Phase = .detached
@@ -73,20 +73,14 @@ public final class VirtioBlkDevice: @unchecked Sendable {
         // By default, room for every queue's request buffers as GuestQueue lays them out.
         let buffers = bufferBytes ?? Int(GuestQueue.bytesNeeded(queueSize: queueSize)) * queueCount
         memory = try GuestMemory(size: Int(freeMemoryStart) + buffers)
-        var fd: Int32 = -1
-        if case .file(let path, let direct) = backend {
-            fd = open(path, O_RDWR | O_CLOEXEC | (direct ? dp_o_direct() : 0))
-            if fd < 0 && direct && errno == EINVAL { fd = open(path, O_RDWR | O_CLOEXEC) }  // no O_DIRECT here
-            guard fd >= 0 else { throw DeviceError("Could not open '\(path)': \(String(cString: strerror(errno)))") }
-        }
-        fileFD = fd
+        opened = try OpenBlockBackend(backend)
         var qs: [DeviceQueue] = []
         for (i, l) in layouts.enumerated() {
             let ring = try SplitRing(memory: memory, layout: l)
             do {
-                qs.append(try DeviceQueue(index: i, ring: ring, memory: memory, backend: backend, fileFD: fd, deviceID: id))
+                qs.append(DeviceQueue(index: i, ring: ring, memory: memory, backend: opened, serial: id,
+                                      kick: try EventNotifier(), interrupt: try EventNotifier(), name: id))
             } catch {
-                if fd >= 0 { close(fd) }
                 throw DeviceError("cannot create queue eventfds: \(error)")
             }
         }
@@ -96,12 +90,11 @@ public final class VirtioBlkDevice: @unchecked Sendable {
     deinit {
         let phase = lifecycle.withLock { $0.phase }
         precondition(phase == .detached, "BUG DETECTED: device '\(id)' destroyed while \(phase)")
-        if fileFD >= 0 { close(fileFD) }
     }
 
     /// The queue's kick and interrupt eventfds (the guest side uses them).
     public func notifiers(queue: Int) -> (kick: EventNotifier, interrupt: EventNotifier) {
-        (queues[queue].kick, queues[queue].irq)
+        (queues[queue].kick, queues[queue].interrupt!)
     }
 
     /// The queue's counters.

@@ -47,6 +47,10 @@ public final class Monitor: @unchecked Sendable {
     var sessions: [ObjectIdentifier: MonitorSession] = [:]
     var devices: [String: VirtioBlkDevice] = [:]
     var unplugging: Set<String> = []
+    /// Block nodes, exports and their creation order (BlockExports.swift).
+    var nodes: [String: BlockNode] = [:]
+    var exports: [String: ExportEntry] = [:]
+    var exportOrder: [String] = []
     /// Called when a client sends `quit`.
     public var onQuit: (() -> Void)?
 
@@ -59,6 +63,7 @@ public final class Monitor: @unchecked Sendable {
         "qmp_capabilities", "query-version", "query-commands", "query-iothreads", "x-query-iothread-stats",
         "object-add", "object-del", "qom-list", "qom-get", "qom-set", "device_add", "device_del",
         "human-monitor-command", "quit",
+        "blockdev-add", "blockdev-del", "block-export-add", "block-export-del", "query-block-exports",
     ]
 
     public init(context: AioContext, registry: IOThreadRegistry = IOThreadRegistry()) {
@@ -239,6 +244,20 @@ public final class Monitor: @unchecked Sendable {
                 let a = try Arguments(args, ["id": .string], required: ["id"])
                 try deviceDel(a.string("id")!)
                 done(.success(.object([])))
+            case "blockdev-add":
+                try blockdevAdd(args)
+                done(.success(.object([])))
+            case "blockdev-del":
+                try blockdevDel(args)
+                done(.success(.object([])))
+            case "block-export-add":
+                try blockExportAdd(args)
+                done(.success(.object([])))
+            case "block-export-del":
+                try blockExportDel(args, done)
+            case "query-block-exports":
+                _ = try Arguments(args, [:])
+                done(.success(queryBlockExports()))
             case "human-monitor-command":
                 let a = try Arguments(args, ["command-line": .string, "cpu-index": .int], required: ["command-line"])
                 done(.success(.string(hmp(a.string("command-line")!))))
@@ -389,8 +408,13 @@ public final class Monitor: @unchecked Sendable {
         }
     }
 
-    /// Detaches every device (for shutdown); calls `done` on the main loop thread.
+    /// Deletes every export and detaches every device (for shutdown); calls `done` on the
+    /// main loop thread.
     public func detachAll(_ done: @escaping () -> Void) {
+        deleteAllExports { [self] in detachDevices(done) }
+    }
+
+    func detachDevices(_ done: @escaping () -> Void) {
         let all = Array(devices.values)
         let ctx = context
         let finish = MainThreadOnly(done)

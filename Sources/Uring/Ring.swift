@@ -130,6 +130,32 @@ public struct Ring: ~Copyable {
         prepare(userData: userData) { io_uring_prep_write($0, fd, buffer, count, offset) }
     }
 
+    /// Queues a `preadv` into `count` buffers described by `iovecs` (the array and the
+    /// buffers must stay valid until the completion is reaped).
+    @inlinable
+    public mutating func prepareReadv(
+        fd: Int32, iovecs: UnsafePointer<iovec>, count: UInt32, offset: UInt64, userData: UInt64
+    ) -> Bool {
+        prepare(userData: userData) { io_uring_prep_readv($0, fd, iovecs, count, offset) }
+    }
+
+    /// Queues a `pwritev` from `count` buffers described by `iovecs` (valid until the
+    /// completion is reaped).
+    @inlinable
+    public mutating func prepareWritev(
+        fd: Int32, iovecs: UnsafePointer<iovec>, count: UInt32, offset: UInt64, userData: UInt64
+    ) -> Bool {
+        prepare(userData: userData) { io_uring_prep_writev($0, fd, iovecs, count, offset) }
+    }
+
+    /// Queues an `fallocate` (`mode` as fallocate(2): punch a hole, zero a range...).
+    @inlinable
+    public mutating func prepareFallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64, userData: UInt64) -> Bool {
+        prepare(userData: userData) {
+            io_uring_prep_fallocate($0, fd, mode, off_t(Int64(bitPattern: offset)), off_t(Int64(bitPattern: length)))
+        }
+    }
+
     /// Queues an `fsync` (or `fdatasync` when `dataOnly`).
     @inlinable
     public mutating func prepareFsync(fd: Int32, dataOnly: Bool, userData: UInt64) -> Bool {

@@ -72,6 +72,51 @@ struct CompletionIOTests {
         #expect(Array(back) == Array(out))
     }
 
+    @Test("writev gathers and readv scatters across several buffers", arguments: backends)
+    func vectoredRoundTrip(_ backend: AioContext.Backend) throws {
+        let file = try TemporaryFile(bytes: [UInt8](repeating: 0, count: 8192))
+        let ctx = try makeContext(backend)
+        let sizes = [512, 1024, 2560]  // 4096 bytes in three pieces
+        let out = sizes.map { UnsafeMutableRawBufferPointer.allocate(byteCount: $0, alignment: 8) }
+        let back = sizes.map { UnsafeMutableRawBufferPointer.allocate(byteCount: $0, alignment: 8) }
+        defer { (out + back).forEach { $0.deallocate() } }
+        var n = 0
+        for b in out { for i in 0..<b.count { b[i] = UInt8(truncatingIfNeeded: n &* 13 &+ 1); n += 1 } }
+        let outIov = UnsafeMutablePointer<iovec>.allocate(capacity: 3)
+        let backIov = UnsafeMutablePointer<iovec>.allocate(capacity: 3)
+        defer { outIov.deallocate(); backIov.deallocate() }
+        for i in 0..<3 {
+            outIov[i] = iovec(iov_base: out[i].baseAddress, iov_len: out[i].count)
+            backIov[i] = iovec(iov_base: back[i].baseAddress, iov_len: back[i].count)
+        }
+        let steps = Local<[String]>([])
+        ctx.submit(.writev(fd: file.fd, iovecs: outIov, count: 3, offset: 4096)) { rc in
+            steps.value.append("writev \(rc)")
+            ctx.submit(.readv(fd: file.fd, iovecs: backIov, count: 3, offset: 4096)) { rc in steps.value.append("readv \(rc)") }
+        }
+        run(ctx) { steps.value.count == 2 }
+        #expect(steps.value == ["writev 4096", "readv 4096"])
+        #expect(back.flatMap { Array($0) } == out.flatMap { Array($0) })
+        var onDisk = [UInt8](repeating: 0, count: 4096)
+        #expect(pread(file.fd, &onDisk, 4096, 4096) == 4096)
+        #expect(onDisk == out.flatMap { Array($0) })
+    }
+
+    @Test("fallocate punches a hole that reads back as zeros", arguments: backends)
+    func fallocatePunchesHole(_ backend: AioContext.Backend) throws {
+        let file = try TemporaryFile(bytes: [UInt8](repeating: 0xA5, count: 16384))
+        let ctx = try makeContext(backend)
+        let result = Local<Int32?>(nil)
+        // FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        ctx.submit(.fallocate(fd: file.fd, mode: 0x03, offset: 4096, length: 8192)) { result.value = $0 }
+        run(ctx) { result.value != nil }
+        #expect(result.value == 0)
+        var back = [UInt8](repeating: 1, count: 16384)
+        #expect(pread(file.fd, &back, 16384, 0) == 16384)
+        #expect(back[0..<4096].allSatisfy { $0 == 0xA5 } && back[12288...].allSatisfy { $0 == 0xA5 })
+        #expect(back[4096..<12288].allSatisfy { $0 == 0 })
+    }
+
     @Test("a failing request reports its errno to the callback", arguments: backends)
     func failingRequestReportsErrno(_ backend: AioContext.Backend) throws {
         let ctx = try makeContext(backend)

@@ -137,9 +137,12 @@ struct BackendTests {
         try await dev.attach(to: t)
         let guest = try GuestQueue(device: dev, queue: 0)
         let ring = guest.ring
-        // Descriptor 0: header far outside guest memory. Descriptors 3-4: a loop.
+        // Descriptor 0: header far outside guest memory, with a good status byte.
+        // Descriptors 3-4: a loop.
+        let statusAddr = guest.dataAddr(1)
+        guest.memory.pointer(at: statusAddr, length: 1)!.storeBytes(of: 0xFF, as: UInt8.self)
         ring.setDescriptor(0, addr: 1 << 40, len: 16, flags: SplitRingLayout.descNext, next: 1)
-        ring.setDescriptor(1, addr: 0, len: 1, flags: SplitRingLayout.descWrite, next: 0)
+        ring.setDescriptor(1, addr: statusAddr, len: 1, flags: SplitRingLayout.descWrite, next: 0)
         ring.setDescriptor(3, addr: guest.dataAddr(0), len: 16, flags: SplitRingLayout.descNext, next: 4)
         ring.setDescriptor(4, addr: guest.dataAddr(0), len: 16, flags: SplitRingLayout.descNext, next: 3)
         ring.setAvailEntry(0, 0)
@@ -148,7 +151,10 @@ struct BackendTests {
         dev.notifiers(queue: 0).kick.set()
         #expect(eventually { dev.statistics(queue: 0).completions == 2 })
         #expect(ring.usedIdx == 2)
-        #expect(ring.usedEntry(0).len == 0 && ring.usedEntry(1).len == 0, "handed back, nothing written")
+        #expect(ring.usedEntry(0).len == 1, "IOERR in the status byte, nothing else written")
+        #expect(guest.memory.pointer(at: statusAddr, length: 1)!.load(as: UInt8.self) == VirtioBlk.statusIOErr)
+        #expect(ring.usedEntry(1).len == 0, "the loop has no trustworthy status byte: handed back")
+        #expect(dev.statistics(queue: 0).malformed == 2)
         try await dev.detach()
         // A fresh, well-formed queue on the same device still works (re-attach resumes at 2).
         try await dev.attach(to: t)

@@ -51,4 +51,27 @@ static inline unsigned short dp_load_relaxed_u16(const unsigned short *p) { retu
 static inline void dp_store_relaxed_u16(unsigned short *p, unsigned short v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 static inline void dp_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
+// vhost-user (vhost.c).
+#include <stddef.h>
+
+/// recvmsg(2) of up to `len` bytes from a non-blocking read, collecting SCM_RIGHTS
+/// descriptors (close-on-exec) into `fds` (at most `maxfds`, at most 8), their count in
+/// `*nfds`. Returns the bytes read (0 at end of file) or -errno; -EMSGSIZE when more
+/// descriptors came than fit (all of them are closed then).
+long dp_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds);
+
+/// sendmsg(2) of `len` bytes with `nfds` (0...8) descriptors as SCM_RIGHTS, MSG_NOSIGNAL.
+/// Returns the bytes sent or -errno.
+long dp_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
+
+/// fallocate(2) (glibc declares it only under _GNU_SOURCE). Returns 0 or -errno.
+int dp_fallocate(int fd, int mode, long long offset, long long length);
+
+/// memfd_create(2) with MFD_CLOEXEC. Returns the fd or -errno.
+int dp_memfd_create(const char *name);
+
+/// The page size a mapping of `fd` must be aligned to: the huge page size on hugetlbfs,
+/// else the base page size.
+long dp_file_page_size(int fd);
+
 #endif
