@@ -1,5 +1,5 @@
 # Dataplane: `make test` and `make demo` are the two commands; `make deps` installs what they need.
-.PHONY: test demo bench bench-gate fuzz soak deps clean
+.PHONY: test demo bench bench-gate fuzz soak vhost-check vhost-bench deps clean
 
 test: deps .venv-qmp/bin/python
 	swift build --build-tests
@@ -57,6 +57,27 @@ soak: deps
 	swift build --product dataplane
 	.build/debug/dataplane soak --duration $(SOAK_SECONDS)s
 	.build/debug/dataplane soak --duration $$(( $(SOAK_SECONDS) / 3 + 1 ))s --fdmon epoll
+
+# vhost-user-blk against a real QEMU 7.2 guest (TCG) booting Linux: the guest suite of
+# Tests/vhost (pattern, cache, discard, verify, write, export deletion under a reading guest;
+# 1 and 2 queues; main loop and IOThread) on Dataplane's export, with the IOThread polling
+# (QEMU's default poll-max-ns) and not polling. Installs QEMU, busybox and a guest kernel.
+DATAPLANE_EXPORT = .build/debug/dataplane serve @IOT_OBJECT@ \
+	--blockdev driver=file,node-name=file0,filename=@FILE@ \
+	--blockdev driver=raw,node-name=disk0,file=file0 \
+	--export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=@SOCK@,writable=on,num-queues=@QUEUES@@IOT_OPT@ \
+	--chardev socket,id=qmp0,path=@QMP@,server=on,wait=off --monitor chardev=qmp0
+vhost-check: deps
+	Tests/vhost/setup.sh
+	swift build --product dataplane
+	Tests/vhost/guest-check.sh --name dataplane -- $(DATAPLANE_EXPORT)
+	DP_VHOST_IOT_PROPS=,poll-max-ns=0 Tests/vhost/guest-check.sh --name dataplane-polling-off -- $(DATAPLANE_EXPORT)
+
+# The same guest workload on qemu-storage-daemon's export and on Dataplane's (release), side by side.
+vhost-bench: deps
+	Tests/vhost/setup.sh
+	swift build -c release --product dataplane
+	Tests/vhost/bench.sh --name dataplane -- $(subst .build/debug/,.build/release/,$(DATAPLANE_EXPORT))
 
 # liburing-dev (with pkg-config, through which SwiftPM finds it) and a Swift toolchain.
 deps:

@@ -99,7 +99,8 @@ expand_template() { # SOCK FILE QUEUES IOTHREAD(0|1) QMP PIDFILE TEMPLATE...
     BACKEND_CMD=() BACKEND_READY=$sock
     for a in "$@"; do
         if [ "$a" = @IOT_OBJECT@ ]; then
-            [ "$iot" = 1 ] && BACKEND_CMD+=(--object iothread,id=iot0)
+            # DP_VHOST_IOT_PROPS (e.g. ",poll-max-ns=0") tunes the IOThread: polling off and on.
+            [ "$iot" = 1 ] && BACKEND_CMD+=(--object "iothread,id=iot0${DP_VHOST_IOT_PROPS:-}")
             continue
         fi
         case $a in *@PIDFILE@*) BACKEND_READY=$pidfile ;; esac
