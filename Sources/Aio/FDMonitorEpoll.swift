@@ -15,11 +15,11 @@ import Glibc
 final class EpollMonitor: FDMonitor {
     let epfd: Int32
     unowned(unsafe) let context: AioContext
-    var events: UnsafeMutablePointer<epoll_event>
+    @exclusivity(unchecked) var events: UnsafeMutablePointer<epoll_event>
     let maxEvents: Int32 = 128
-    var hasPwait2 = true
+    @exclusivity(unchecked) var hasPwait2 = true
     /// Started on the first read, write or fsync.
-    var pool: WorkerPool?
+    @exclusivity(unchecked) var pool: WorkerPool?
 
     init(context: AioContext) throws(AioError) {
         let fd = epoll_create1(Int32(EPOLL_CLOEXEC))

@@ -18,17 +18,18 @@ import Synchronization
 import Uring
 
 final class IOUringMonitor: FDMonitor {
-    var ring: Ring
+    // `@exclusivity(unchecked)` on the state below: home thread only, as AioContext's.
+    @exclusivity(unchecked) var ring: Ring
     unowned(unsafe) let context: AioContext
-    var multishotSupported = true
+    @exclusivity(unchecked) var multishotSupported = true
     /// Handlers whose POLL_ADD could not be queued (SQ full) or must be re-armed after a
     /// reap (the ring may not be used while reaping).
-    var toArm: ContiguousArray<FdHandler> = []
+    @exclusivity(unchecked) var toArm: ContiguousArray<FdHandler> = []
     /// Requests the SQ could not take (full, and the kernel would not drain it just then:
     /// EAGAIN/EBUSY). They keep their order and go to the ring first on the next iteration,
     /// so a refusal delays a request but never loses or fails it.
-    var backlog: ContiguousArray<(request: IORequest, userData: UInt64)> = []
-    var backlogStart = 0
+    @exclusivity(unchecked) var backlog: ContiguousArray<(request: IORequest, userData: UInt64)> = []
+    @exclusivity(unchecked) var backlogStart = 0
 
     init(context: AioContext) throws(UringError) {
         self.context = context

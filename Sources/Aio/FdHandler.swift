@@ -57,7 +57,7 @@ enum UserData {
 /// replacement is a new registration, so a modified handler starts adaptive polling anew
 /// (as in QEMU).
 ///
-/// `@unchecked Sendable`: created by the registering thread, handed to the home thread
+/// `@unchecked Sendable` (and `@exclusivity(unchecked)` on its vars): created by the registering thread, handed to the home thread
 /// through the context's `pendingChanges` mutex, and touched only by the home thread after.
 final class FdHandler: @unchecked Sendable {
     enum Role { case fd, eventNotifier, contextNotifier }
@@ -69,20 +69,20 @@ final class FdHandler: @unchecked Sendable {
     let notifier: EventNotifier?
     /// poll(2) events to watch.
     let events: UInt32
-    var userData: UInt64 = 0
+    @exclusivity(unchecked) var userData: UInt64 = 0
 
-    var deleted = false
+    @exclusivity(unchecked) var deleted = false
     // Dispatch state.
-    var revents: UInt32 = 0
-    var pollReadyFlag = false
-    var onReadyList = false
+    @exclusivity(unchecked) var revents: UInt32 = 0
+    @exclusivity(unchecked) var pollReadyFlag = false
+    @exclusivity(unchecked) var onReadyList = false
     // Adaptive polling state (QEMU AioPolledEvent and friends).
-    var inPollList = false
-    var pollNs: Int64 = 0
-    var pollIdleTimeout: Int64 = 0
+    @exclusivity(unchecked) var inPollList = false
+    @exclusivity(unchecked) var pollNs: Int64 = 0
+    @exclusivity(unchecked) var pollIdleTimeout: Int64 = 0
     // Backend state: a poll request is in the kernel (io_uring), registered (epoll).
-    var armed = false
-    var multishot = false
+    @exclusivity(unchecked) var armed = false
+    @exclusivity(unchecked) var multishot = false
 
     init(fd: Int32, role: Role, callbacks: FdHandlerCallbacks, notifier: EventNotifier?) {
         self.fd = fd
