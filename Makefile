@@ -73,11 +73,13 @@ vhost-check: deps
 	Tests/vhost/guest-check.sh --name dataplane -- $(DATAPLANE_EXPORT)
 	DP_VHOST_IOT_PROPS=,poll-max-ns=0 Tests/vhost/guest-check.sh --name dataplane-polling-off -- $(DATAPLANE_EXPORT)
 
-# The same guest workload on qemu-storage-daemon's export and on Dataplane's (release), side by side.
+# The same guest workload on qemu-storage-daemon's export and on Dataplane's, side by side
+# (release; VHOST_BENCH_BUILD=debug reuses make test's build, as .ci/run does to save time).
+VHOST_BENCH_BUILD ?= release
 vhost-bench: deps
 	Tests/vhost/setup.sh
-	swift build -c release --product dataplane
-	Tests/vhost/bench.sh --name dataplane -- $(subst .build/debug/,.build/release/,$(DATAPLANE_EXPORT))
+	swift build -c $(VHOST_BENCH_BUILD) --product dataplane
+	Tests/vhost/bench.sh --name dataplane-$(VHOST_BENCH_BUILD) -- $(subst .build/debug/,.build/$(VHOST_BENCH_BUILD)/,$(DATAPLANE_EXPORT))
 
 # liburing-dev (with pkg-config, through which SwiftPM finds it) and a Swift toolchain.
 deps:
