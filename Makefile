@@ -46,7 +46,7 @@ bench-gate: deps
 # - qmp-stream-fuzz: the JSON stream, parser and serializer (two source files, built by swiftc);
 # - qmp-dispatch-fuzz: a Monitor session driving real IOThreads and devices. SwiftPM builds
 #   the QMP module and what it imports, instrumented, in .build-fuzz (the normal .build is not
-#   touched); swiftc links Fuzz/QMPDispatchFuzz.swift against their objects (with the
+#   touched); swiftc links Fuzz/QMPDispatch{Fuzz,Mutator}.swift against their objects (with the
 #   toolchain's lld: gold warns about every ASan register-check symbol).
 # Leak checking is off for the dispatch target (LeakSanitizer reports Swift's once-initialised
 # globals, as in make test); the target counts descriptors and IOThreads itself. Swift's own
@@ -64,8 +64,9 @@ fuzz: deps
 	bin=$$(swift build --scratch-path .build-fuzz -c release --show-bin-path) && \
 	swiftc -O -sanitize=fuzzer,address -use-ld=lld -parse-as-library -swift-version 6 -module-name QMPDispatchFuzz \
 	  -I $$bin/Modules -I CLiburing -Xcc -fmodule-map-file=$$bin/CShims.build/module.modulemap \
-	  Fuzz/QMPDispatchFuzz.swift $$bin/Uring.build/*.o $$bin/Aio.build/*.o $$bin/IOThreads.build/*.o \
-	  $$bin/Devices.build/*.o $$bin/QMP.build/*.o $$bin/CShims.build/*.o $$(pkg-config --libs liburing) \
+	  Fuzz/QMPDispatchFuzz.swift Fuzz/QMPDispatchMutator.swift \
+	  $$bin/Uring.build/*.o $$bin/Aio.build/*.o $$bin/IOThreads.build/*.o $$bin/Devices.build/*.o \
+	  $$bin/QMP.build/*.o $$bin/CShims.build/*.o $$(pkg-config --libs liburing) \
 	  -o .build-fuzz/qmp-dispatch-fuzz
 	SWIFT_BACKTRACE=enable=no .build-fuzz/qmp-stream-fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 \
 	  -artifact_prefix=.build-fuzz/artifacts/ .build-fuzz/corpus Fuzz/corpus
