@@ -42,13 +42,37 @@ bench: deps
 bench-gate: deps
 	cd Benchmarks && swift package benchmark thresholds check --metric mallocCountTotal
 
-# libFuzzer over the monitor's JSON stream, parser and serializer; FUZZ_SECONDS bounds it.
+# libFuzzer over the monitor, two targets, FUZZ_SECONDS each:
+# - qmp-stream-fuzz: the JSON stream, parser and serializer (two source files, built by swiftc);
+# - qmp-dispatch-fuzz: a Monitor session driving real IOThreads and devices. SwiftPM builds
+#   the QMP module and what it imports, instrumented, in .build-fuzz (the normal .build is not
+#   touched); swiftc links Fuzz/QMPDispatch{Fuzz,Mutator}.swift against their objects (with the
+#   toolchain's lld: gold warns about every ASan register-check symbol).
+# Leak checking is off for the dispatch target (LeakSanitizer reports Swift's once-initialised
+# globals, as in make test); the target counts descriptors and IOThreads itself. Swift's own
+# crash backtracer is off: it hangs under ASan, and libFuzzer prints the stack.
+# A crash leaves its input in .build-fuzz/artifacts/; rerun it with the binary and that file.
 FUZZ_SECONDS ?= 60
-fuzz:
-	@mkdir -p .build-fuzz/corpus
+FUZZ_FLAGS = -Xswiftc -sanitize=fuzzer,address -Xcc -fsanitize=fuzzer-no-link,address
+fuzz: deps
+	@mkdir -p .build-fuzz/corpus .build-fuzz/dispatch-corpus .build-fuzz/artifacts
 	swiftc -O -sanitize=fuzzer,address -parse-as-library -module-name QMPFuzz \
 	  Sources/QMP/JSON.swift Sources/QMP/JSONStream.swift Fuzz/QMPStreamFuzz.swift -o .build-fuzz/qmp-stream-fuzz
-	.build-fuzz/qmp-stream-fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 .build-fuzz/corpus Fuzz/corpus
+	@# One -sanitize=fuzzer,address: given as two flags (swift build --sanitize twice), the
+	@# Swift driver keeps only the last and the modules get no coverage counters.
+	swift build --scratch-path .build-fuzz -c release --target QMP $(FUZZ_FLAGS)
+	bin=$$(swift build --scratch-path .build-fuzz -c release --show-bin-path) && \
+	swiftc -O -sanitize=fuzzer,address -use-ld=lld -parse-as-library -swift-version 6 -module-name QMPDispatchFuzz \
+	  -I $$bin/Modules -I CLiburing -Xcc -fmodule-map-file=$$bin/CShims.build/module.modulemap \
+	  Fuzz/QMPDispatchFuzz.swift Fuzz/QMPDispatchMutator.swift \
+	  $$bin/Uring.build/*.o $$bin/Aio.build/*.o $$bin/IOThreads.build/*.o $$bin/Devices.build/*.o \
+	  $$bin/QMP.build/*.o $$bin/CShims.build/*.o $$(pkg-config --libs liburing) \
+	  -o .build-fuzz/qmp-dispatch-fuzz
+	SWIFT_BACKTRACE=enable=no .build-fuzz/qmp-stream-fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 \
+	  -artifact_prefix=.build-fuzz/artifacts/ .build-fuzz/corpus Fuzz/corpus
+	ASAN_OPTIONS=detect_leaks=0 SWIFT_BACKTRACE=enable=no .build-fuzz/qmp-dispatch-fuzz -max_total_time=$(FUZZ_SECONDS) \
+	  -max_len=32768 -timeout=30 -dict=Fuzz/dispatch.dict -artifact_prefix=.build-fuzz/artifacts/ \
+	  .build-fuzz/dispatch-corpus Fuzz/dispatch-corpus
 
 # W6 churn held for SOAK_SECONDS (io_uring, then a third as long on epoll): fails on a lost or
 # twice-completed request, inconsistent holders, or growth in threads, descriptors or memory.
@@ -99,4 +123,4 @@ deps:
 	.venv-qmp/bin/pip install -q qemu.qmp
 
 clean:
-	rm -rf .build .build-tsan .build-asan .venv-qmp Benchmarks/.build Benchmarks/cref/bin
+	rm -rf .build .build-tsan .build-asan .build-fuzz .venv-qmp Benchmarks/.build Benchmarks/cref/bin

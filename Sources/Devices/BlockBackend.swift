@@ -89,12 +89,16 @@ public final class OpenBlockBackend: Sendable {
     deinit { if fileDescriptor >= 0 { close(fileDescriptor) } }
 }
 
-/// `10ns`, `100us`, `2ms`, `1s`, or a bare number of nanoseconds.
+/// `10ns`, `100us`, `2ms`, `1s`, or a bare number of nanoseconds; nil for anything else,
+/// a negative duration or one past Int64.max nanoseconds.
 public func parseDuration(_ text: String) -> Int64? {
     let units: [(String, Int64)] = [("ns", 1), ("us", 1000), ("ms", 1_000_000), ("s", 1_000_000_000)]
     for (suffix, scale) in units where text.hasSuffix(suffix) {
         guard let v = Double(text.dropLast(suffix.count)), v >= 0 else { return nil }
-        return Int64(v * Double(scale))
+        // Int64(Double) traps past Int64.max (and on infinity): 2^63 is the first double out.
+        let ns = v * Double(scale)
+        guard ns < 0x1p63 else { return nil }
+        return Int64(ns)
     }
     return Int64(text)
 }

@@ -47,6 +47,9 @@ public final class VirtioBlkDevice: @unchecked Sendable {
     }
     let lifecycle = Locked(Lifecycle())
 
+    /// Most queues a device may have.
+    public static let maxQueues = 64
+
     /// Creates a detached device.
     /// - Parameters:
     ///   - queueSize: entries per queue (a power of two).
@@ -55,7 +58,9 @@ public final class VirtioBlkDevice: @unchecked Sendable {
     public init(id: String, queues queueCount: Int = 1, queueSize: Int = 256, backend: BlockBackend = .null,
                 bufferBytes: Int? = nil) throws(DeviceError) {
         guard isWellFormedObjectID(id) else { throw DeviceError("Parameter 'id' expects an identifier") }
-        guard queueCount >= 1 && queueCount <= 64 else { throw DeviceError("num-queues must be in [1, 64]") }
+        guard queueCount >= 1 && queueCount <= VirtioBlkDevice.maxQueues else {
+            throw DeviceError("num-queues must be in [1, \(VirtioBlkDevice.maxQueues)]")
+        }
         guard queueSize >= 4 && queueSize <= 32768 && queueSize & (queueSize - 1) == 0 else {
             throw DeviceError("queue-size must be a power of 2 in [4, 32768]")
         }

@@ -332,6 +332,10 @@ public final class Monitor: @unchecked Sendable {
         guard devices[id] == nil else { throw QMPError("Duplicate device ID '\(id)'") }
         let queues = Int(a["num-queues"]?.intValue ?? 1)
         guard queues > 0 else { throw QMPError("num-queues property must be larger than 0") }
+        // Before the mapping, which has an entry per queue: a huge count must not allocate.
+        guard queues <= VirtioBlkDevice.maxQueues else {
+            throw QMPError("num-queues must be in [1, \(VirtioBlkDevice.maxQueues)]")
+        }
         let size = Int(a["queue-size"]?.intValue ?? 256)
         guard size > 2 else { throw QMPError("invalid queue-size property (\(size)), must be > 2") }
         guard size & (size - 1) == 0 && size <= 1024 else {

@@ -66,6 +66,37 @@ struct MonitorTests {
         #expect(desc(#"{"execute":"query-version","id":{"a":["b"]}}"#).hasSuffix(#""id": {"a": ["b"]}}"# + "\r\n"))
     }
 
+    @Test("device_add refuses a huge num-queues before building a mapping that size (found by fuzzing)")
+    func hugeQueueCount() throws {
+        let h = try Harness()
+        _ = h.send(#"{"execute":"qmp_capabilities"}"#)
+        try h.monitor.registry.create(id: "iot0")
+        defer { h.monitor.registry.removeAll() }
+        // It used to allocate an array of 2^31 IOThreads (16 GiB) first.
+        for placement in [#""iothread":"iot0""#, #""iothread-vq-mapping":[{"iothread":"iot0"}]"#] {
+            let reply = h.send(#"{"execute":"device_add","arguments":{"driver":"virtio-blk","id":"d0","num-queues":2147483648,"#
+                               + placement + "}}")
+            #expect(reply == [#"{"error": {"class": "GenericError", "desc": "num-queues must be in [1, 64]"}}"# + "\r\n"])
+        }
+        #expect(h.monitor.devices.isEmpty)
+    }
+
+    @Test("device_add refuses a delay backend longer than Int64.max ns instead of trapping (found by fuzzing)")
+    func hugeDelay() throws {
+        let h = try Harness()
+        _ = h.send(#"{"execute":"qmp_capabilities"}"#)
+        try h.monitor.registry.create(id: "iot0")
+        defer { h.monitor.registry.removeAll() }
+        // "9223372036854775807us" used to trap converting 9.2e21 ns to Int64.
+        for duration in ["9223372036854775807us", "1e300s", "infs", "9223372036.854775808s"] {
+            let reply = h.send(#"{"execute":"device_add","arguments":{"driver":"virtio-blk","id":"d0","iothread":"iot0","backend":"delay:"#
+                               + duration + #""}}"#)
+            #expect(reply == [#"{"error": {"class": "GenericError", "desc": "backend 'delay:' needs a duration such as 100us, 2ms or 1s"}}"# + "\r\n"],
+                    "delay:\(duration)")
+        }
+        #expect(h.monitor.devices.isEmpty)
+    }
+
     @Test("no event reaches a session before it negotiated")
     func eventsAfterNegotiation() throws {
         let h = try Harness()
