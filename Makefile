@@ -66,7 +66,7 @@ fuzz: deps
 	  -I $$bin/Modules -I CLiburing -Xcc -fmodule-map-file=$$bin/CShims.build/module.modulemap \
 	  Fuzz/QMPDispatchFuzz.swift Fuzz/QMPDispatchMutator.swift \
 	  $$bin/Uring.build/*.o $$bin/Aio.build/*.o $$bin/IOThreads.build/*.o $$bin/Devices.build/*.o \
-	  $$bin/QMP.build/*.o $$bin/CShims.build/*.o $$(pkg-config --libs liburing) \
+	  $$bin/VhostUser.build/*.o $$bin/QMP.build/*.o $$bin/CShims.build/*.o $$(pkg-config --libs liburing) \
 	  -o .build-fuzz/qmp-dispatch-fuzz
 	SWIFT_BACKTRACE=enable=no .build-fuzz/qmp-stream-fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 \
 	  -artifact_prefix=.build-fuzz/artifacts/ .build-fuzz/corpus Fuzz/corpus
