@@ -113,7 +113,7 @@ struct LoadGenTests {
         #expect(throws: DeviceError("--churn needs --iothreads 2 or more (devices move between IOThreads)")) { try c.validate() }
     }
 
-    @Test("a short soak passes: nothing lost, holders consistent, no thread, fd or memory growth",
+    @Test("a short soak passes: nothing lost, holders consistent, its IOThreads gone",
           .timeLimit(.minutes(1)), arguments: backendsUnderTest)
     func shortSoak(_ fdmon: FDMonitorKind) async throws {
         var c = LoadConfig()
@@ -124,14 +124,13 @@ struct LoadGenTests {
         c.warmupNs = 500_000_000
         c.durationNs = 3_000_000_000
         c.churnIntervalNs = 1_000_000
-        // AddressSanitizer keeps freed memory in quarantine, so RSS grows by design there:
-        // memory growth is judged in the other passes.
-        let underASan = dlsym(nil, "__asan_init") != nil
-        let r = try await Soak.run(c, rssToleranceKiB: underASan ? 1 << 30 : 8192)
+        // Other suites run in this process at the same time, opening and closing descriptors
+        // and threads of their own: process-wide growth is judged by `make soak`, alone in its
+        // process; here the run's own figures and IOThreads.
+        let r = try await Soak.run(c, processWide: false)
         #expect(r.passed, "\(r.failures)")
         #expect(r.load.holders.expected == 4 && r.load.holders.attached == 4 && r.load.holders.afterDetach == 0)
         #expect((r.load.churn?.moves ?? 0) > 100)
         #expect(r.samples.count >= 3, "sampled about once a second")
-        #expect(r.after.descriptors <= r.before.descriptors)
     }
 }
