@@ -64,8 +64,10 @@ final class Vring {
     }
 }
 
-/// `@unchecked Sendable`: confined to the export's IOThread (its closures are registered on
-/// that context and every method runs there).
+/// `@unchecked Sendable`: confined to the export's first IOThread (its closures are registered
+/// on that context and every method runs there). The BHs it schedules on a queue's other
+/// IOThread only carry it through to the BH that comes back; they touch the DeviceQueue, not
+/// the session.
 final class Session: @unchecked Sendable {
     enum Outcome {
         /// Done; ack if the front end asked (REPLY_ACK).
@@ -572,11 +574,13 @@ final class Session: @unchecked Sendable {
         }
         // The queue drains on its own IOThread; `lastAvail` is read there, after the last
         // completion, and handed back with the BH (scheduling orders the two threads).
-        let index = v.index, home = ctx
-        v.queueContext.scheduleOneShot(name: "\(export.id)-q\(index)-detach") { [self] in
+        // The closures that run on the queue's IOThread read nothing of the session: only `q`
+        // (theirs until the detach ends) and immutable values captured here.
+        let index = v.index, home = ctx, name = "\(export.id)-q\(v.index)"
+        v.queueContext.scheduleOneShot(name: "\(name)-detach") { [self] in
             q.detachOnHomeThread { [self] in
                 let base = q.lastAvail
-                home.scheduleOneShot(name: "\(export.id)-q\(index)-detached") { [self] in
+                home.scheduleOneShot(name: "\(name)-detached") { [self] in
                     stopped(vrings[index], lastAvail: base)
                 }
             }

@@ -116,6 +116,52 @@ struct MultiIOThreadTests {
         try await rig.finish()
     }
 
+    @Test("a different memory table with requests in flight on both IOThreads is acked after both drained; I/O resumes",
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
+    func memTableChangeDrainsBothIOThreads(_ fdmon: AioContext.Backend) async throws {
+        let rig = try TwoThreadRig(fdmon, backend: .delay(nanoseconds: 50_000_000))
+        let fe = try rig.frontEnd()
+        try fe.connect(queues: 2)
+        try fe.start(queues: 2, features: linuxFeatures(try fe.getU64(.getFeatures)))
+        for q in 0..<2 { for id in 0..<4 { fe.guests[q].submit(id: UInt64(id)) } }
+        #expect(eventually { rig.export.inFlight == 8 })
+        // The same memory, described in another order: a different table.
+        var p = u32(3) + u32(0)
+        for r in rig.ram.regions.reversed() {
+            p += u64(r.guestPhysicalAddress) + u64(r.size) + u64(r.userAddress) + u64(r.mmapOffset)
+        }
+        try fe.send(.setMemTable, flags: 0x9, payload: p, fds: [rig.ram.fd, rig.ram.fd, rig.ram.fd])
+        #expect(try fe.receive(.setMemTable) == u64(0))
+        for q in 0..<2 {
+            #expect(fe.guests[q].ring.usedIdx == 4, "queue \(q) drained on its IOThread before the ack")
+        }
+        for q in 0..<2 { for id in 4..<6 { fe.guests[q].submit(id: UInt64(id)) } }
+        for q in 0..<2 {
+            var n = 0
+            #expect(reap(fe.guests[q], count: 6) { _, s, _, _ in if s == 0 { n += 1 } } == 6)
+            #expect(n == 6)
+        }
+        try await rig.finish()
+    }
+
+    @Test("SET_VRING_CALL while a queue runs on the second IOThread: completions signal the new fd",
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
+    func newCallFDOnSecondIOThread(_ fdmon: AioContext.Backend) async throws {
+        let rig = try TwoThreadRig(fdmon)
+        let fe = try rig.frontEnd()
+        try fe.connect(queues: 2)
+        try fe.start(queues: 2, features: linuxFeatures(try fe.getU64(.getFeatures)))
+        let call = try EventNotifier()
+        try fe.setU64(.setVringCall, 1, ack: true, fds: [call.fileDescriptor])
+        #expect(eventually { call.testAndClear() }, "the new call fd is signalled once when installed")
+        fe.guests[1].submit(id: 1)
+        #expect(eventually { call.testAndClear() }, "the completion's interrupt goes to the new fd")
+        var got: [UInt64] = []
+        #expect(fe.guests[1].reap { id, s, _, _ in if s == 0 { got.append(id) } } == 1)
+        #expect(got == [1])
+        try await rig.finish()
+    }
+
     @Test("a repeated IOThread is held once; queues still alternate", .timeLimit(.minutes(1)))
     func repeatedIOThreadHeldOnce() async throws {
         let t = try makeIOThread("iot0", .automatic)
