@@ -162,6 +162,36 @@ struct MultiIOThreadTests {
         try await rig.finish()
     }
 
+    @Test("a front end gone with requests in flight on both IOThreads: both drain before the export listens again",
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
+    func disconnectDrainsBothIOThreads(_ fdmon: AioContext.Backend) async throws {
+        let rig = try TwoThreadRig(fdmon, backend: .delay(nanoseconds: 30_000_000))
+        var fe: FrontEnd? = try rig.frontEnd()
+        try fe!.connect(queues: 2)
+        let features = linuxFeatures(try fe!.getU64(.getFeatures))
+        try fe!.start(queues: 2, features: features)
+        for q in 0..<2 { for id in 0..<4 { fe!.guests[q].submit(id: UInt64(id)) } }
+        #expect(eventually { rig.export.inFlight == 8 })
+        let guest = fe!.guestSide
+        fe = nil  // the connection closes
+        #expect(eventually { !rig.export.isConnected })
+        for q in 0..<2 { #expect(guest.guests[q].ring.usedIdx == 4, "queue \(q) drained before the session ended") }
+        #expect(rig.threads.map(\.holders) == [["exp0"], ["exp0"]], "a disconnect keeps the holds")
+        // QEMU comes back and resumes both queues on their IOThreads.
+        let fe2 = try rig.frontEnd()
+        fe2.adoptGuest(guest)
+        try fe2.connect(queues: 2)
+        try fe2.start(queues: 2, features: features, bases: [4, 4])
+        for q in 0..<2 { for id in 4..<6 { fe2.guests[q].submit(id: UInt64(id)) } }
+        for q in 0..<2 {
+            var n = 0
+            #expect(reap(fe2.guests[q], count: 6) { _, s, _, _ in if s == 0 { n += 1 } } == 6)
+            #expect(n == 6)
+        }
+        #expect(try fe2.stop(queues: 2) == [6, 6])
+        try await rig.finish()
+    }
+
     @Test("a repeated IOThread is held once; queues still alternate", .timeLimit(.minutes(1)))
     func repeatedIOThreadHeldOnce() async throws {
         let t = try makeIOThread("iot0", .automatic)
