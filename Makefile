@@ -96,6 +96,7 @@ vhost-check: deps
 	swift build --product dataplane
 	Tests/vhost/guest-check.sh --name dataplane -- $(DATAPLANE_EXPORT)
 	DP_VHOST_IOT_PROPS=,poll-max-ns=0 Tests/vhost/guest-check.sh --name dataplane-polling-off -- $(DATAPLANE_EXPORT)
+	Tests/vhost/multi-iothread-check.sh .build/debug/dataplane
 
 # The same guest workload on qemu-storage-daemon's export and on Dataplane's, side by side
 # (release; VHOST_BENCH_BUILD=debug reuses make test's build, as .ci/run does to save time).

@@ -109,7 +109,7 @@ extension Monitor {
 
     func blockExportAdd(_ args: JSON) throws {
         let a = try Arguments(args, ["type": .string, "id": .string, "node-name": .string, "writable": .bool,
-                                     "writethrough": .bool, "iothread": .string, "fixed-iothread": .bool,
+                                     "writethrough": .bool, "iothread": .any, "fixed-iothread": .bool,
                                      "addr": .any, "logical-block-size": .int, "num-queues": .int],
                               required: ["type", "id", "node-name"])
         let type = a.string("type")!
@@ -133,20 +133,25 @@ extension Monitor {
         let queues = a["num-queues"]?.intValue ?? 1
         guard queues > 0 else { throw QMPError("num-queues must be greater than 0") }
         let lbs = a["logical-block-size"]?.intValue ?? 512
-        var thread: IOThread
+        var threads: [IOThread]
         var own: IOThread? = nil
-        if let tid = a.string("iothread") {
-            guard let t = registry.lookup(tid) else { throw QMPError("iothread \"\(tid)\" not found") }
-            thread = t
+        if let names = try iothreadNames(a["iothread"]) {
+            // QEMU 9.0+: a string, or a list whose queue q runs on entry q % n (the control
+            // socket on the first).
+            threads = []
+            for tid in names {
+                guard let t = registry.lookup(tid) else { throw QMPError("iothread \"\(tid)\" not found") }
+                threads.append(t)
+            }
         } else {
             // No IOThread named: the export gets a thread of its own (this runtime has no
             // main-loop dataplane), not listed by query-iothreads.
-            do { thread = try IOThread(id: "export-\(id)") } catch { throw QMPError("\(error)") }
-            own = thread
+            do { own = try IOThread(id: "export-\(id)") } catch { throw QMPError("\(error)") }
+            threads = [own!]
         }
         let export: Export
         do {
-            export = try Export(id: id, backend: backend, socketPath: path, iothread: thread, numQueues: Int(clamping: queues),
+            export = try Export(id: id, backend: backend, socketPath: path, iothreads: threads, numQueues: Int(clamping: queues),
                                 writable: writable, logicalBlockSize: Int(clamping: lbs), size: size,
                                 log: { line in errorLine("dataplane: \(line)") })
         } catch {
@@ -155,6 +160,27 @@ extension Monitor {
         }
         exports[id] = ExportEntry(export: export, nodeName: node, privateThread: own)
         exportOrder.append(id)
+    }
+
+    /// `iothread`: absent (nil), a name, or a non-empty list of names (QEMU 9.0+'s form).
+    func iothreadNames(_ value: JSON?) throws -> [String]? {
+        switch value {
+        case nil, .null?:
+            return nil
+        case .string(let name)?:
+            return [name]
+        case .array(let items)? where !items.isEmpty:
+            return try items.map { item throws -> String in
+                guard let name = item.stringValue else {
+                    throw QMPError("Invalid parameter type for 'iothread[]', expected: string")
+                }
+                return name
+            }
+        case .array?:
+            throw QMPError("Parameter 'iothread' must not be an empty list")
+        default:
+            throw QMPError("Invalid parameter type for 'iothread', expected: string or array")
+        }
     }
 
     /// Answers once the export is gone, after BLOCK_EXPORT_DELETED: the order qemu-storage-daemon

@@ -1,5 +1,9 @@
 // A vhost-user-blk export: a block backend served to one vhost-user front end (QEMU) at a
-// time on a UNIX socket, run entirely on one IOThread, which it holds under its export id.
+// time on a UNIX socket, run on one IOThread or, as QEMU 9.0+ does with an `iothread` list,
+// on several: queue q is served by iothreads[q % n]. The control socket and the session stay
+// on the first IOThread (the home thread below); each queue's kick handler, ring processing,
+// completion I/O and interrupts run on its own IOThread. The export holds every IOThread it
+// uses under its export id.
 //
 // Lifecycle. init takes the hold, binds the socket (a stale socket file is replaced) and
 // registers the listener on the IOThread. A front end that connects gets a Session; a second
@@ -27,14 +31,18 @@ public struct ExportError: Error, Sendable, Equatable, CustomStringConvertible {
 /// A vhost-user-blk export (qemu-storage-daemon's `--export type=vhost-user-blk`).
 ///
 /// `@unchecked Sendable`: the immutable properties are set in init; `shared` is behind its
-/// mutex; `session`, `listenFD` and `deleting` are confined to the IOThread's home thread
-/// (every closure that touches them is registered on or scheduled to that context); `hold` is
-/// taken in init and released once, by `delete`, after the home thread has let go.
+/// mutex; `session`, `listenFD` and `deleting` are confined to the first IOThread's home
+/// thread (every closure that touches them is registered on or scheduled to that context);
+/// `holds` are taken in init and released once, by `delete`, after every queue has drained
+/// on its own IOThread and the home thread has let go.
 public final class Export: @unchecked Sendable {
     /// The export id (`block-export-add id=`); also the holder name on the IOThread.
     public let id: String
     public let socketPath: String
-    public let iothread: IOThread
+    /// The first IOThread: runs the control socket (and the queues it serves).
+    public var iothread: IOThread { iothreads[0] }
+    /// The IOThreads as given; queue q runs on `iothreads[q % iothreads.count]`.
+    public let iothreads: [IOThread]
     public let numQueues: Int
     public let writable: Bool
     public let logicalBlockSize: Int
@@ -42,11 +50,14 @@ public final class Export: @unchecked Sendable {
     public let serial = "vhost_user_blk"
     let backend: OpenBlockBackend
     let ctx: AioContext
+    /// The context of each queue (`iothreads[q % n]`'s).
+    let queueContexts: [AioContext]
     let description: BlkDeviceDescription
     let log: (@Sendable (String) -> Void)?
 
     struct Shared {
-        var hold: IOThreadHoldBox?
+        /// One per distinct IOThread.
+        var holds: [IOThreadHoldBox] = []
         var connected = false
         var connections = 0
         var refused = 0
@@ -62,7 +73,7 @@ public final class Export: @unchecked Sendable {
     var session: Session?
     var deleting: (() -> Void)?
 
-    /// The holder name this export uses on its IOThread (the export id).
+    /// The holder name this export uses on each of its IOThreads (the export id).
     public var holderName: String { id }
 
     /// Creates the export and starts listening.
@@ -70,8 +81,9 @@ public final class Export: @unchecked Sendable {
     ///   - id: a well-formed id (a letter, then letters, digits, `-`, `.`, `_`).
     ///   - backend: where requests go; `.file(path:direct:)` for a disk image.
     ///   - socketPath: the UNIX socket to listen on (a stale socket file there is replaced).
-    ///   - iothread: runs the socket, the kick handlers and the I/O; held as `id` until
-    ///     ``delete()`` returns.
+    ///   - iothreads: the first runs the control socket; queue q (its kick handler, its I/O
+    ///     and its interrupts) runs on `iothreads[q % iothreads.count]`. Each is held as `id`
+    ///     until ``delete()`` returns. A name may repeat (it is held once).
     ///   - numQueues: queues offered (GET_QUEUE_NUM, config `num_queues`), 1...256.
     ///   - writable: allow OUT requests; otherwise the device is read-only (VIRTIO_BLK_F_RO).
     ///   - logicalBlockSize: config `blk_size`, a power of 2 in [512, 2 MiB].
@@ -79,7 +91,15 @@ public final class Export: @unchecked Sendable {
     ///     files (the file's size is used).
     ///   - log: called on the IOThread with each protocol error and disconnect reason.
     /// - Throws: ``ExportError`` with qemu-storage-daemon's texts where it has one.
-    public init(id: String, backend: BlockBackend, socketPath: String, iothread: IOThread, numQueues: Int = 1,
+    public convenience init(id: String, backend: BlockBackend, socketPath: String, iothread: IOThread, numQueues: Int = 1,
+                            writable: Bool = false, logicalBlockSize: Int = 512, size: UInt64 = 1 << 30,
+                            log: (@Sendable (String) -> Void)? = nil) throws(ExportError) {
+        try self.init(id: id, backend: backend, socketPath: socketPath, iothreads: [iothread], numQueues: numQueues,
+                      writable: writable, logicalBlockSize: logicalBlockSize, size: size, log: log)
+    }
+
+    /// Creates the export on several IOThreads (QEMU 9.0+'s `iothread` list); see above.
+    public init(id: String, backend: BlockBackend, socketPath: String, iothreads: [IOThread], numQueues: Int = 1,
                 writable: Bool = false, logicalBlockSize: Int = 512, size: UInt64 = 1 << 30,
                 log: (@Sendable (String) -> Void)? = nil) throws(ExportError) {
         guard isWellFormedObjectID(id) else { throw ExportError("Invalid block export id") }
@@ -91,10 +111,17 @@ public final class Export: @unchecked Sendable {
         guard logicalBlockSize >= 512 && logicalBlockSize <= 2 << 20 else {
             throw ExportError("Property \(id).logical-block-size doesn't take value \(logicalBlockSize) (minimum: 512, maximum: 2097152)")
         }
-        guard !iothread.isStopped, let ctx = iothread.context else { throw ExportError("iothread \"\(iothread.id)\" is stopped") }
+        guard !iothreads.isEmpty else { throw ExportError("iothread list must not be empty") }
+        var contexts: [AioContext] = []
+        for t in iothreads {
+            guard !t.isStopped, let c = t.context else { throw ExportError("iothread \"\(t.id)\" is stopped") }
+            contexts.append(c)
+        }
+        let ctx = contexts[0]
         self.id = id
         self.socketPath = socketPath
-        self.iothread = iothread
+        self.iothreads = iothreads
+        queueContexts = (0..<numQueues).map { contexts[$0 % contexts.count] }
         self.numQueues = numQueues
         self.writable = writable
         self.logicalBlockSize = logicalBlockSize
@@ -115,8 +142,12 @@ public final class Export: @unchecked Sendable {
         // Last stored property: from here on deinit runs, and it expects delete().
         shared = Locked(Shared(queues: [QueueStatistics?](repeating: nil, count: numQueues)))
         listenFD = fd
-        let box = IOThreadHoldBox(iothread.hold(id))
-        shared.withLock { $0.hold = box }
+        var boxes: [IOThreadHoldBox] = []
+        var seen: Set<ObjectIdentifier> = []
+        for t in iothreads where seen.insert(ObjectIdentifier(t)).inserted {
+            boxes.append(IOThreadHoldBox(t.hold(id)))
+        }
+        shared.withLock { $0.holds = boxes }
         // Registered from this thread: applied by the IOThread on its next iteration.
         listen()
     }
@@ -210,8 +241,9 @@ public final class Export: @unchecked Sendable {
     // MARK: - Delete
 
     /// Deletes the export: stops listening and removes the socket file, disconnects the front
-    /// end, waits until every request already taken has completed (and is visible to the
-    /// guest), unmaps guest memory, then releases the IOThread hold. Never blocks a thread.
+    /// end, waits until every request already taken has completed on its queue's IOThread
+    /// (and is visible to the guest), unmaps guest memory, then releases every IOThread hold.
+    /// Never blocks a thread.
     /// - Throws: ``ExportError`` (`Export 'ID' is already shutting down`) on a second call.
     public func delete() async throws(ExportError) {
         let first = shared.withLock { s -> Bool in
@@ -225,13 +257,13 @@ public final class Export: @unchecked Sendable {
                 shutdownOnHomeThread { done.resume() }
             }
         }
-        let hold = shared.withLock { s -> IOThreadHoldBox? in
+        let holds = shared.withLock { s -> [IOThreadHoldBox] in
             s.deleted = true
-            let h = s.hold
-            s.hold = nil
+            let h = s.holds
+            s.holds = []
             return h
         }
-        hold?.release()
+        for h in holds { h.release() }
     }
 
     func shutdownOnHomeThread(_ done: @escaping () -> Void) {

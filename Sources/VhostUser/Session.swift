@@ -14,9 +14,16 @@
 // with no request in flight (QEMU 7.2's own daemon does not), and guest memory is unmapped
 // only once nothing points into it.
 //
-// The one rule that makes it safe: everything here runs on the export's IOThread, including the
-// queues' completions, so there is no lock; the queues' statistics are the only things other
-// threads read.
+// The one rule that makes it safe: everything here runs on the export's first IOThread (the
+// session's context), so there is no lock; the queues' statistics are the only things other
+// threads read. A queue may run on another IOThread (an export with an `iothread` list): its
+// DeviceQueue is then confined to that IOThread from attach to the end of detach, and the
+// session touches it only through one-shot BHs scheduled there (attach, detach, a new call
+// fd, the write-cache mode); a detach reports back with a BH on the session's context. BHs
+// from one thread to a context run in the order they were scheduled, so a detach never
+// overtakes the attach before it. `quiesce` is unchanged: it waits for those reports, so a
+// reply (GET_VRING_BASE, a new memory table, a disconnect) still goes out only once the
+// queues concerned have no request in flight on their own IOThreads.
 import Aio
 import CShims
 import Devices
@@ -25,6 +32,8 @@ import Glibc
 /// The state of one vring as the front end configured it. Home thread.
 final class Vring {
     let index: Int
+    /// The context the queue runs on (the session's, or another IOThread's).
+    let queueContext: AioContext
     var size = 0
     var descAddr: UInt64 = 0
     var availAddr: UInt64 = 0
@@ -43,7 +52,10 @@ final class Vring {
     /// Run once the queue has drained (in order).
     var waiters: [() -> Void] = []
 
-    init(index: Int) { self.index = index }
+    init(index: Int, queueContext: AioContext) {
+        self.index = index
+        self.queueContext = queueContext
+    }
 
     func forgetFDs() {
         kick = nil
@@ -52,8 +64,10 @@ final class Vring {
     }
 }
 
-/// `@unchecked Sendable`: confined to the export's IOThread (its closures are registered on
-/// that context and every method runs there).
+/// `@unchecked Sendable`: confined to the export's first IOThread (its closures are registered
+/// on that context and every method runs there). The BHs it schedules on a queue's other
+/// IOThread only carry it through to the BH that comes back; they touch the DeviceQueue, not
+/// the session.
 final class Session: @unchecked Sendable {
     enum Outcome {
         /// Done; ack if the front end asked (REPLY_ACK).
@@ -98,7 +112,7 @@ final class Session: @unchecked Sendable {
         self.fd = fd
         self.description = description
         writeCache = description.writeCache
-        vrings = (0..<description.numQueues).map { Vring(index: $0) }
+        vrings = (0..<description.numQueues).map { Vring(index: $0, queueContext: export.queueContexts[$0]) }
         rx = .allocate(byteCount: VhostUser.headerSize + VhostUser.maxPayload, alignment: 8)
         fdScratch = .allocate(capacity: VhostUser.maxFDs)
     }
@@ -400,7 +414,8 @@ final class Session: @unchecked Sendable {
             case .setVringCall:
                 v.call = notifier
                 if let q = v.queue {
-                    q.setInterrupt(notifier)  // signals the new fd once
+                    let call = notifier
+                    onQueueThread(v) { q.setInterrupt(call) }  // signals the new fd once
                 } else {
                     notifier?.set()  // in case of an I/O hang after reconnecting (as libvhost-user)
                 }
@@ -440,7 +455,10 @@ final class Session: @unchecked Sendable {
                 return .nack("SET_CONFIG: only wce (offset 32, 1 byte, 0 or 1) may be set")
             }
             writeCache = m.payload[12] == 1
-            for v in vrings { v.queue?.writeThrough = !writeCache }
+            let writeThrough = !writeCache
+            for v in vrings {
+                if let q = v.queue { onQueueThread(v) { q.writeThrough = writeThrough } }
+            }
             return .ack
         case .none, .setLogBase, .setLogFD, .sendRARP, .netSetMTU, .setSlaveReqFD, .iotlbMsg, .setVringEndian,
              .getInflightFD, .setInflightFD, .getMaxMemSlots, .addMemReg, .remMemReg:
@@ -537,7 +555,8 @@ final class Session: @unchecked Sendable {
             q.writeThrough = !writeCache
             v.queue = q
             export.publish(queue: v.index, q.statistics)
-            q.attachOnHomeThread(ctx)
+            let qctx = v.queueContext
+            onQueueThread(v) { q.attachOnHomeThread(qctx) }
         } else if !shouldRun, v.queue != nil, !v.draining {
             stop(v)
         }
@@ -547,20 +566,51 @@ final class Session: @unchecked Sendable {
     func stop(_ v: Vring) {
         guard let q = v.queue, !v.draining else { return }
         v.draining = true
-        // Strong self: the last waiter may end the session (the export drops it) while this
-        // closure still runs.
-        q.detachOnHomeThread { [self] in
-            v.base = q.lastAvail
-            v.queue = nil
-            v.draining = false
-            export.retire(queue: v.index, q.statistics)
-            let w = v.waiters
-            v.waiters = []
-            for body in w { body() }
-            // The ring may have been enabled again while it drained (ENABLE 0 then 1).
-            if !closed && !paused {
-                do throws(VhostUserProtocolError) { try reconcile(v) } catch { disconnect(error.message) }
+        guard v.queueContext !== ctx else {
+            // Strong self: the last waiter may end the session (the export drops it) while
+            // this closure still runs.
+            q.detachOnHomeThread { [self] in stopped(v, lastAvail: q.lastAvail) }
+            return
+        }
+        // The queue drains on its own IOThread; `lastAvail` is read there, after the last
+        // completion, and handed back with the BH (scheduling orders the two threads).
+        // The closures that run on the queue's IOThread read nothing of the session: only `q`
+        // (theirs until the detach ends) and immutable values captured here.
+        let index = v.index, home = ctx, name = "\(export.id)-q\(v.index)"
+        v.queueContext.scheduleOneShot(name: "\(name)-detach") { [self] in
+            q.detachOnHomeThread { [self] in
+                let base = q.lastAvail
+                home.scheduleOneShot(name: "\(name)-detached") { [self] in
+                    stopped(vrings[index], lastAvail: base)
+                }
             }
+        }
+    }
+
+    /// The queue of `v` drained and let go of its IOThread. Session thread.
+    func stopped(_ v: Vring, lastAvail: UInt16) {
+        guard let q = v.queue else { return }
+        v.base = lastAvail
+        v.queue = nil
+        v.draining = false
+        export.retire(queue: v.index, q.statistics)
+        let w = v.waiters
+        v.waiters = []
+        for body in w { body() }
+        // The ring may have been enabled again while it drained (ENABLE 0 then 1).
+        if !closed && !paused {
+            do throws(VhostUserProtocolError) { try reconcile(v) } catch { disconnect(error.message) }
+        }
+    }
+
+    /// Runs `body` where the queue of `v` lives: at once if that is the session's context,
+    /// else in a one-shot BH on the queue's IOThread (in order with the queue's attach and
+    /// detach, which are scheduled the same way). Session thread.
+    func onQueueThread(_ v: Vring, _ body: @escaping @Sendable () -> Void) {
+        if v.queueContext === ctx {
+            body()
+        } else {
+            v.queueContext.scheduleOneShot(name: "\(export.id)-q\(v.index)", body)
         }
     }
 

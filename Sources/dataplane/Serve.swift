@@ -13,8 +13,8 @@ import QMP
 /// qemu-storage-daemon's spellings are accepted (reference vhost-user-blk.md 5.1):
 /// `--object iothread,id=ID[,poll-max-ns=N,...]`, `--blockdev driver=file|raw|null-co,...`,
 /// `--export type=vhost-user-blk,id=ID,node-name=N,addr.type=unix,addr.path=P[,writable=on]
-/// [,num-queues=N][,iothread=ID][,logical-block-size=N]`, `--chardev socket,id=C,path=P,
-/// server=on,wait=off` with `--monitor chardev=C`, and `--pidfile PATH` (written once every
+/// [,num-queues=N][,iothread=ID | ,iothread.0=ID,iothread.1=ID...][,logical-block-size=N]`,
+/// `--chardev socket,id=C,path=P,server=on,wait=off` with `--monitor chardev=C`, and `--pidfile PATH` (written once every
 /// socket listens: the readiness signal).
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -207,7 +207,21 @@ struct Serve: ParsableCommand {
             }
             insert(ArraySlice(key.split(separator: ".").map(String.init)), value, into: &root)
         }
-        return .object(root)
+        return listsFromIndices(.object(root))
+    }
+
+    /// QEMU's keyval: an object whose keys are exactly 0, 1, …, n-1 is the list of its values
+    /// (`iothread.0=iot0,iothread.1=iot1` is `"iothread": ["iot0", "iot1"]`).
+    static func listsFromIndices(_ value: JSON) -> JSON {
+        guard case .object(let members) = value else { return value }
+        let converted = members.map { ($0.0, listsFromIndices($0.1)) }
+        var byIndex: [Int: JSON] = [:]
+        for (k, v) in converted {
+            guard let i = Int(k), i >= 0, String(i) == k else { return .object(converted) }
+            byIndex[i] = v
+        }
+        guard !byIndex.isEmpty, (0..<byIndex.count).allSatisfy({ byIndex[$0] != nil }) else { return .object(converted) }
+        return .array((0..<byIndex.count).map { byIndex[$0]! })
     }
 
     /// `4096`, `64M`, `1G`, `512k`.

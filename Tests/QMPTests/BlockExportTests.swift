@@ -91,6 +91,51 @@ struct BlockExportTests {
         #expect(ok(#"{"execute":"object-del","arguments":{"id":"iot0"}}"#))
     }
 
+    @Test("block-export-add with an iothread list (QEMU 9.0+) holds every IOThread until block-export-del",
+          .timeLimit(.minutes(1)))
+    func iothreadList() throws {
+        let h = try Harness()
+        _ = h.send(#"{"execute":"qmp_capabilities"}"#)
+        let sock = "/tmp/dp-qmp-exp3-\(getpid()).sock"
+        func ok(_ s: String) -> Bool { h.send(s) == [#"{"return": {}}"# + "\r\n"] }
+        func desc(_ s: String) -> String {
+            let line = h.send(s).first ?? ""
+            let parts = line.split(separator: #""desc": ""#, maxSplits: 1)
+            guard parts.count == 2 else { return line }
+            return String(parts[1].prefix { $0 != "\"" })
+        }
+        func add(_ iothread: String) -> String {
+            #"{"execute":"block-export-add","arguments":{"type":"vhost-user-blk","id":"exp0","node-name":"null0","num-queues":2,"iothread":\#(iothread),"addr":{"type":"unix","path":"\#(sock)"}}}"#
+        }
+        #expect(ok(#"{"execute":"object-add","arguments":{"qom-type":"iothread","id":"iot0"}}"#))
+        #expect(ok(#"{"execute":"object-add","arguments":{"qom-type":"iothread","id":"iot1"}}"#))
+        #expect(ok(#"{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"null0"}}"#))
+        #expect(h.send(add(#"["iot0","nosuch"]"#)).first?.contains(#""desc": "iothread \"nosuch\" not found""#) == true)
+        #expect(desc(add("[]")) == "Parameter 'iothread' must not be an empty list")
+        #expect(desc(add("[1]")) == "Invalid parameter type for 'iothread[]', expected: string")
+        #expect(desc(add("7")) == "Invalid parameter type for 'iothread', expected: string or array")
+        #expect(access(sock, F_OK) != 0, "a refused add leaves no socket behind")
+        #expect(ok(add(#"["iot0","iot1"]"#)))
+        func count(_ needle: String, in text: String) -> Int {
+            var n = 0
+            var rest = Substring(text)
+            while let r = rest.firstRange(of: needle) {
+                n += 1
+                rest = rest[r.upperBound...]
+            }
+            return n
+        }
+        let iothreads = h.send(#"{"execute":"query-iothreads"}"#).first ?? ""
+        #expect(count(#""holders": ["exp0"]"#, in: iothreads) == 2, "both IOThreads hold exp0: \(iothreads)")
+        #expect(desc(#"{"execute":"object-del","arguments":{"id":"iot1"}}"#) == "object 'iot1' is in use, can not be deleted")
+        _ = h.send(#"{"execute":"block-export-del","arguments":{"id":"exp0"}}"#)
+        #expect(h.waitFor(#"{"return": {}}"#))
+        let after = h.send(#"{"execute":"query-iothreads"}"#).first ?? ""
+        #expect(count(#""holders": []"#, in: after) == 2, "neither holds it: \(after)")
+        #expect(ok(#"{"execute":"object-del","arguments":{"id":"iot1"}}"#))
+        #expect(ok(#"{"execute":"object-del","arguments":{"id":"iot0"}}"#))
+    }
+
     @Test("an export without an IOThread gets a thread of its own; shutdown deletes every export",
           .timeLimit(.minutes(1)))
     func shutdownDeletesExports() throws {

@@ -190,6 +190,37 @@ async def main(binary):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    # qemu-storage-daemon's CLI with QEMU 9.0+'s iothread list: a 2-queue export on 2 IOThreads.
+    sock = path + ".vhost"
+    proc = subprocess.Popen([binary, "serve", "--qmp", path,
+                             "--object", "iothread,id=iot0", "--object", "iothread,id=iot1",
+                             "--blockdev", "driver=null-co,node-name=null0",
+                             "--export", "type=vhost-user-blk,id=exp0,node-name=null0,addr.type=unix,"
+                                         f"addr.path={sock},num-queues=2,iothread.0=iot0,iothread.1=iot1"])
+    try:
+        for _ in range(200):
+            if os.path.exists(path) and os.path.exists(sock):
+                break
+            time.sleep(0.05)
+        qmp = QMPClient("e2e-iothread-list")
+        await qmp.connect(path)
+        threads = await qmp.execute("query-iothreads")
+        check("--export ...,iothread.0=iot0,iothread.1=iot1: both IOThreads hold the export",
+              sorted((t["id"], t["holders"]) for t in threads) == [("iot0", ["exp0"]), ("iot1", ["exp0"])], threads)
+        await qmp.execute("block-export-del", {"id": "exp0"})
+        threads = await qmp.execute("query-iothreads")
+        check("and neither after block-export-del", all(t["holders"] == [] for t in threads), threads)
+        proc.terminate()
+        rc = proc.wait(timeout=20)
+        check("SIGTERM stops that server cleanly", rc == 0, rc)
+        try:
+            await qmp.disconnect()
+        except Exception:
+            pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     print(f"e2e: {passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 
