@@ -100,7 +100,9 @@ extension AioContext {
 
     /// Takes every BH scheduled so far as one batch, in first-scheduled order.
     func takeBottomHalves() -> Unmanaged<BottomHalf>? {
-        // Acquire pairs with the releasing CAS in enqueue.
+        // Acquire pairs with the releasing CAS in enqueue. An empty list is seen with a plain
+        // load (no locked exchange); a BH pushed right after comes with a notify.
+        guard bhList.load(ordering: .acquiring) != nil else { return nil }
         var node = bhList.exchange(nil, ordering: .acquiring)
         // The stack is newest first: reverse it so BHs run in the order they were scheduled.
         var reversed: Unmanaged<BottomHalf>? = nil
@@ -115,11 +117,14 @@ extension AioContext {
 
     /// Runs scheduled BHs (QEMU `aio_bh_poll`). Returns whether a non-idle BH ran.
     func runBottomHalves() -> Bool {
-        bhSlices.append(takeBottomHalves())
+        let batch = takeBottomHalves()
         // A handler change queued by another thread before it scheduled one of these BHs is
         // visible now (its flag store happens-before the BH push we acquired): apply it first,
         // so a BH never sees a handler that its scheduler had already removed.
         applyPendingChanges()
+        // Most iterations have nothing to run, and no enclosing iteration's slice is left.
+        if batch == nil && bhSlices.isEmpty { return false }
+        bhSlices.append(batch)
         var progress = false
         while !bhSlices.isEmpty {
             guard let node = bhSlices[0] else {
