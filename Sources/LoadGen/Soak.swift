@@ -34,33 +34,34 @@ public struct ProcessResources: Codable, Sendable, Equatable {
             free(line)
             fclose(f)
         }
-        var fds = 0
-        if let dir = opendir("/proc/self/fd") {
-            while let e = readdir(dir) {
-                let dot = withUnsafeBytes(of: e.pointee.d_name) { $0.first == UInt8(ascii: ".") }
-                if !dot { fds += 1 }
-            }
-            closedir(dir)
-            fds -= 1  // the listing's own descriptor
-        }
+        // The listing's own descriptor is among the entries.
+        let fds = max(0, procEntries("/proc/self/fd").count - 1)
         return ProcessResources(threads: threads, descriptors: fds, rssKiB: rss)
     }
 }
 
 /// This process's descriptors as "fd -> target" (for naming what was left behind).
 func descriptorTargets() -> Set<String> {
-    guard let dir = opendir("/proc/self/fd") else { return [] }
-    defer { closedir(dir) }
     var names: Set<String> = []
-    while let e = readdir(dir) {
-        let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-        guard name.first?.isNumber == true else { continue }
+    for name in procEntries("/proc/self/fd") {
         var target = [CChar](repeating: 0, count: 256)
         let n = readlink("/proc/self/fd/\(name)", &target, 255)
         guard n > 0 else { continue }  // closed meanwhile
         let text = String(decoding: target[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
         if text.hasPrefix("/proc/") && text.hasSuffix("/fd") { continue }  // this listing's own
         names.insert("\(name) -> " + text)
+    }
+    return names
+}
+
+/// The numeric entries of a /proc directory (descriptors or thread ids of this process).
+func procEntries(_ path: String) -> [String] {
+    guard let dir = opendir(path) else { return [] }
+    defer { closedir(dir) }
+    var names: [String] = []
+    while let e = readdir(dir) {
+        let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+        if name.first?.isNumber == true { names.append(name) }
     }
     return names
 }
@@ -147,22 +148,16 @@ public enum Soak {
 
     /// Threads of this process named "IO iothread<N>": the IOThreads a load run makes.
     static func ioThreadCount() -> Int {
-        guard let dir = opendir("/proc/self/task") else { return 0 }
-        defer { closedir(dir) }
-        var n = 0
-        while let e = readdir(dir) {
-            let tid = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-            guard tid.first?.isNumber == true else { continue }
+        procEntries("/proc/self/task").filter { tid in
             let fd = open("/proc/self/task/\(tid)/comm", O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else { continue }
+            guard fd >= 0 else { return false }
             var buf = [UInt8](repeating: 0, count: 32)
             let got = read(fd, &buf, 31)
             close(fd)
-            guard got > 0 else { continue }
+            guard got > 0 else { return false }
             let name = String(decoding: buf[0..<got], as: UTF8.self).filter { $0 != "\n" }
             let prefix = "IO iothread"
-            if name.hasPrefix(prefix), name.count > prefix.count, name.dropFirst(prefix.count).allSatisfy(\.isNumber) { n += 1 }
-        }
-        return n
+            return name.hasPrefix(prefix) && name.count > prefix.count && name.dropFirst(prefix.count).allSatisfy(\.isNumber)
+        }.count
     }
 }
