@@ -36,18 +36,10 @@ struct LoadOptions: ParsableArguments {
         c.pollShrink = pollShrink
         guard let g = GuestMode(rawValue: guest) else { throw ValidationError("--guest must be blocking or spinning") }
         c.guest = g
-        guard let d = parseDuration(duration) else { throw ValidationError("--duration: not a duration: \(duration)") }
-        c.durationNs = d
-        guard let w = parseDuration(warmup) else { throw ValidationError("--warmup: not a duration: \(warmup)") }
-        c.warmupNs = w
-        if let fdmon {
-            guard let k = FDMonitorKind(rawValue: fdmon) else { throw ValidationError("--fdmon must be io_uring or epoll") }
-            c.fdmon = k
-        }
-        if let churn {
-            guard let i = parseDuration(churn) else { throw ValidationError("--churn: not a duration: \(churn)") }
-            c.churnIntervalNs = i
-        }
+        c.durationNs = try durationOption("--duration", duration)
+        c.warmupNs = try durationOption("--warmup", warmup)
+        c.fdmon = try fdmonOption(fdmon)
+        if let churn { c.churnIntervalNs = try durationOption("--churn", churn) }
         try c.validate()
         return c
     }
@@ -55,6 +47,19 @@ struct LoadOptions: ParsableArguments {
     mutating func validate() throws {
         do { _ = try config() } catch let e as DeviceError { throw ValidationError(e.message) }
     }
+}
+
+/// A duration option's value in ns, or the one-line error the command line prints.
+func durationOption(_ name: String, _ text: String) throws -> Int64 {
+    guard let ns = parseDuration(text) else { throw ValidationError("\(name): not a duration: \(text)") }
+    return ns
+}
+
+/// The `--fdmon` option: nil (the default backend), io_uring or epoll.
+func fdmonOption(_ text: String?) throws -> FDMonitorKind? {
+    guard let text else { return nil }
+    guard let k = FDMonitorKind(rawValue: text) else { throw ValidationError("--fdmon must be io_uring or epoll") }
+    return k
 }
 
 struct Load: AsyncParsableCommand {

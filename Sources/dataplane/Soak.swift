@@ -23,14 +23,9 @@ struct SoakCommand: AsyncParsableCommand {
         c.iothreads = 2
         c.devices = devices
         c.warmupNs = 2_000_000_000
-        guard let d = parseDuration(duration) else { throw ValidationError("--duration: not a duration: \(duration)") }
-        c.durationNs = d
-        guard let i = parseDuration(churn) else { throw ValidationError("--churn: not a duration: \(churn)") }
-        c.churnIntervalNs = i
-        if let fdmon {
-            guard let k = FDMonitorKind(rawValue: fdmon) else { throw ValidationError("--fdmon must be io_uring or epoll") }
-            c.fdmon = k
-        }
+        c.durationNs = try durationOption("--duration", duration)
+        c.churnIntervalNs = try durationOption("--churn", churn)
+        c.fdmon = try fdmonOption(fdmon)
         do { try c.validate() } catch { throw ValidationError(error.message) }
         return c
     }
