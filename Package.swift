@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "Uring", targets: ["Uring"]),
         .library(name: "IOThreads", targets: ["IOThreads"]),
         .library(name: "Devices", targets: ["Devices"]),
+        .library(name: "LoadGen", targets: ["LoadGen"]),
         .library(name: "VhostUser", targets: ["VhostUser"]),
         .executable(name: "dataplane", targets: ["dataplane"]),
     ],

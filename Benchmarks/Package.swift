@@ -37,6 +37,7 @@ let package = Package(
                 .product(name: "Aio", package: "Dataplane"),
                 .product(name: "IOThreads", package: "Dataplane"),
                 .product(name: "Devices", package: "Dataplane"),
+                .product(name: "LoadGen", package: "Dataplane"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),

@@ -1,6 +1,7 @@
 // Helpers: child processes, environment knobs, /proc readers, waiting for async work from a
 // plain thread, and starting pthreads.
 import Glibc
+import LoadGen
 import Synchronization
 
 /// Runs a shell command; returns its standard output (nil if it failed).
@@ -157,24 +158,8 @@ func percentile(_ sorted: [Int64], _ p: Double) -> Double {
     Double(sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))])
 }
 
-/// CPU model, vCPUs and kernel.
+/// CPU model, vCPUs and kernel (the load generator's machine description).
 func machineDescription() -> String {
-    var u = utsname()
-    uname(&u)
-    let kernel = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-    var model = "unknown CPU"
-    if let f = fopen("/proc/cpuinfo", "r") {
-        var line: UnsafeMutablePointer<CChar>? = nil
-        var cap = 0
-        while getline(&line, &cap, f) > 0 {
-            let s = String(cString: line!)
-            if s.hasPrefix("model name"), let colon = s.firstIndex(of: ":") {
-                model = String(s[s.index(after: colon)...].drop(while: { $0 == " " || $0 == "\t" })).trimmingNewline()
-                break
-            }
-        }
-        free(line)
-        fclose(f)
-    }
-    return "\(model), \(sysconf(Int32(_SC_NPROCESSORS_ONLN))) vCPUs, kernel \(kernel)"
+    let m = LoadResult.Machine.current
+    return "\(m.cpu), \(m.vcpus) vCPUs, kernel \(m.kernel)"
 }
