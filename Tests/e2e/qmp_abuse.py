@@ -17,20 +17,10 @@ import sys
 import tempfile
 import time
 
+from checklist import Checklist
 from qemu.qmp import QMPClient
 
-passed = 0
-failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name} {detail}")
+check = Checklist()
 
 
 def descriptors(pid):
@@ -191,8 +181,7 @@ async def main(binary, seconds):
             rc = None
         check("server exits cleanly on SIGTERM", rc == 0, rc)
         check("socket removed", not os.path.exists(path))
-    print(f"abuse: {passed} passed, {failed} failed")
-    return failed == 0
+    return check.summary("abuse")
 
 
 if __name__ == "__main__":

@@ -14,21 +14,11 @@ import sys
 import tempfile
 import time
 
+from checklist import Checklist
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-passed = 0
-failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name} {detail}")
+check = Checklist()
 
 
 async def expect_error(qmp, cmd, args, text):
@@ -221,8 +211,7 @@ async def main(binary):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    print(f"e2e: {passed} passed, {failed} failed")
-    return 0 if failed == 0 else 1
+    return 0 if check.summary("e2e") else 1
 
 
 if __name__ == "__main__":
