@@ -178,19 +178,20 @@ public final class AioContext: @unchecked Sendable {
         (monitor as? EpollMonitor)?.shutdown()
         requests.deinitialize(count: 1)
         requests.deallocate()
-        // Drop BHs still linked (one-shots never run, deleted ones): release the list's +1.
-        var node = bhList.exchange(nil, ordering: .acquiring)
-        while let n = node {
-            node = n._withUnsafeGuaranteedRef { $0.next }
-            n.release()
-        }
-        for slice in bhSlices {
-            var node = slice
+        // Drop BHs still linked that the loop owns (one-shots never run, deleted ones): release
+        // the loop's +1. Any other linked BH is live and was reported above.
+        func dropOwned(_ first: Unmanaged<BottomHalf>?) {
+            var node = first
             while let n = node {
-                node = n._withUnsafeGuaranteedRef { $0.next }
-                n.release()
+                let (next, owned) = n._withUnsafeGuaranteedRef {
+                    ($0.next, $0.flags.load(ordering: .relaxed) & (BottomHalf.Flags.oneShot | BottomHalf.Flags.deleted) != 0)
+                }
+                node = next
+                if owned { n.release() }
             }
         }
+        dropOwned(bhList.exchange(nil, ordering: .acquiring))
+        for slice in bhSlices { dropOwned(slice) }
     }
 
     /// Every descriptor the context owns: its eventfd and the backend's (ring or epoll
@@ -222,6 +223,20 @@ public final class AioContext: @unchecked Sendable {
             statistics._eventfdWrites.add(1, ordering: .relaxed)
             notifier.set()
         }
+    }
+
+    /// ``notify()`` for a caller that published its work with a sequentially consistent
+    /// read-modify-write (the BH push). While the loop is busy the flag is usually set
+    /// already, and reading a line the loop writes once per iteration costs far less than a
+    /// locked exchange per call. Seeing it set is enough: the publish precedes this seq_cst
+    /// load, which reads a value before the loop's clear, which precedes the loop's seq_cst
+    /// fence; so the publish precedes that fence in the single total order and the loop's
+    /// reads after it see the work. (A release store would not do: x86 may reorder it
+    /// after the load.)
+    @inline(__always)
+    func notifyAfterSequentiallyConsistentPublish() {
+        if notified.load(ordering: .sequentiallyConsistent) { return }
+        notify()
     }
 
     /// Clears `notified` before the loop looks for work, so that work published after this
@@ -267,8 +282,10 @@ public final class AioContext: @unchecked Sendable {
     /// Schedules `callback` to run once on the home thread (QEMU `aio_bh_schedule_oneshot`).
     /// Thread-safe, lock-free.
     public func scheduleOneShot(name: String = "oneshot", _ callback: @escaping @Sendable () -> Void) {
-        enqueue(BottomHalf(context: self, name: name, flags: BottomHalf.Flags.oneShot, callback: callback),
-                flags: BottomHalf.Flags.scheduled)
+        let bh = BottomHalf(context: self, name: name, flags: BottomHalf.Flags.oneShot, callback: callback)
+        // The loop's +1: the list owns a one-shot until it ran (see BottomHalf's ownership note).
+        _ = Unmanaged.passRetained(bh)
+        enqueue(bh, flags: BottomHalf.Flags.scheduled)
     }
 
     func forget(_ bh: BottomHalf) {

@@ -4,7 +4,15 @@
 // PENDING|SCHEDULED with one fetch-or; only the scheduler that flipped PENDING from 0 pushes
 // the BH onto the context's lock-free list (a Treiber stack: push with CAS, the loop takes
 // the whole list with one exchange, so there is no ABA). Scheduling a BH that is already
-// pending therefore coalesces. The list holds a +1 retain on each BH it links.
+// pending therefore coalesces.
+//
+// Ownership (no ARC on the hot path). Scheduling an existing BH takes no reference: its
+// owner's reference keeps it alive while it is linked, because the owner must `delete()` it
+// and may not drop it before (the deinit checks). As in QEMU, `delete()` hands the BH to the
+// loop: it takes a +1 for the loop and enqueues the BH with DELETED; the loop, which alone
+// unlinks BHs, drops that +1 when it takes the BH off the list. A one-shot BH is created
+// with the loop's +1 and dropped the same way after it ran. So the loop is the last user of
+// a linked BH, whoever drops their reference first.
 //
 // Ordering we guarantee (documented in AioContext): the BHs taken in one batch run in the
 // order they were first scheduled (FIFO; QEMU runs them LIFO); a BH scheduled while BHs
@@ -30,7 +38,7 @@ public final class BottomHalf: @unchecked Sendable {
     }
 
     let flags: Atomic<UInt32>
-    nonisolated(unsafe) var next: Unmanaged<BottomHalf>? = nil
+    @exclusivity(unchecked) nonisolated(unsafe) var next: Unmanaged<BottomHalf>? = nil
     let callback: @Sendable () -> Void
     /// The name reported when a BH leaks.
     public let name: String
@@ -46,16 +54,25 @@ public final class BottomHalf: @unchecked Sendable {
         self.callback = callback
     }
 
+    deinit {
+        // A linked BH holds no reference of its own unless deleted or one-shot: dropping an
+        // undeleted one would leave the loop a dangling pointer, so it is a leak we report.
+        let f = flags.load(ordering: .relaxed)
+        precondition(
+            f & (Flags.deleted | Flags.oneShot) != 0,
+            "BUG DETECTED: bottom half '\(name)' leaked: its last reference went away before delete()")
+    }
+
     /// Schedules the callback to run once on the home thread. Thread-safe, lock-free. A BH
     /// that is already scheduled is not scheduled twice.
     public func schedule() {
-        unmanagedContext._withUnsafeGuaranteedRef { $0.enqueue(self, flags: Flags.scheduled) }
+        _ = unmanagedContext._withUnsafeGuaranteedRef { $0.enqueue(self, flags: Flags.scheduled) }
     }
 
     /// Schedules the BH as an idle BH: it runs within 10 ms (or sooner if the loop wakes for
     /// something else) and does not count as progress.
     public func scheduleIdle() {
-        unmanagedContext._withUnsafeGuaranteedRef { $0.enqueue(self, flags: Flags.scheduled | Flags.idle) }
+        _ = unmanagedContext._withUnsafeGuaranteedRef { $0.enqueue(self, flags: Flags.scheduled | Flags.idle) }
     }
 
     /// Cancels a scheduled run. Thread-safe; as in QEMU, a cancel racing with the loop that
@@ -65,9 +82,15 @@ public final class BottomHalf: @unchecked Sendable {
     /// Deletes the BH: its callback will not run again. Allowed from its own callback.
     /// Thread-safe. Deleting twice is a programming error.
     public func delete() {
-        let old = flags.bitwiseOr(Flags.deleted, ordering: .acquiringAndReleasing).oldValue
-        precondition(old & Flags.deleted == 0, "BUG DETECTED: bottom half '\(name)' deleted twice")
-        unmanagedContext._withUnsafeGuaranteedRef { $0.forget(self) }
+        // The loop's +1, dropped when it unlinks the BH (QEMU's qemu_bh_delete enqueues too).
+        let loopReference = Unmanaged.passRetained(self)
+        unmanagedContext._withUnsafeGuaranteedRef { context in
+            if !context.enqueue(self, flags: Flags.deleted) {
+                loopReference.release()
+                preconditionFailure("BUG DETECTED: bottom half '\(name)' deleted twice")
+            }
+            context.forget(self)
+        }
     }
 
     /// Whether the BH is scheduled and has not run yet.
@@ -78,24 +101,42 @@ public final class BottomHalf: @unchecked Sendable {
 }
 
 extension AioContext {
-    /// Pushes `bh` with `newFlags` (QEMU `aio_bh_enqueue`), then notifies.
-    func enqueue(_ bh: BottomHalf, flags newFlags: UInt32) {
-        // Release: our writes before scheduling are visible to the callback (pairs with
-        // the acquiring exchange in takeBottomHalves).
-        let old = bh.flags.bitwiseOr(BottomHalf.Flags.pending | newFlags, ordering: .acquiringAndReleasing).oldValue
+    /// Pushes `bh` with `newFlags` (QEMU `aio_bh_enqueue`), then notifies. Returns false, and
+    /// does nothing, if the BH was already deleted.
+    @discardableResult
+    func enqueue(_ bh: BottomHalf, flags newFlags: UInt32) -> Bool {
+        // Acquire-release: our writes before scheduling are visible to the callback (pairs
+        // with the acquiring read-modify-write in runBottomHalves).
+        //
+        // The common case first: a BH at rest has no flags set, and one compare-exchange that
+        // expects that takes the BH's cache line once. A fetch-or that returns the old value
+        // is a load and a cmpxchg loop on x86: two coherence transactions on a line that the
+        // loop wrote last.
+        var old: UInt32 = 0
+        let desired = BottomHalf.Flags.pending | newFlags
+        if !bh.flags.compareExchange(expected: 0, desired: desired, ordering: .acquiringAndReleasing).exchanged {
+            old = bh.flags.bitwiseOr(desired, ordering: .acquiringAndReleasing).oldValue
+        }
+        if old & BottomHalf.Flags.deleted != 0 {
+            // Already handed to the loop: our flags are harmless (it drops the BH unrun).
+            return false
+        }
         if old & BottomHalf.Flags.pending == 0 {
-            let node = Unmanaged.passRetained(bh)
+            let node = Unmanaged.passUnretained(bh)
             var head = bhList.load(ordering: .relaxed)
             while true {
                 bh.next = head
-                // Release publishes `next` (and everything before) to the home thread.
+                // Sequentially consistent (a locked cmpxchg on x86 either way): publishes
+                // `next` to the home thread, and orders the push before the load of
+                // `notified` (see notifyAfterSequentiallyConsistentPublish).
                 let (done, current) = bhList.compareExchange(
-                    expected: head, desired: node, successOrdering: .releasing, failureOrdering: .relaxed)
+                    expected: head, desired: node, successOrdering: .sequentiallyConsistent, failureOrdering: .relaxed)
                 if done { break }
                 head = current
             }
         }
-        notify()
+        notifyAfterSequentiallyConsistentPublish()
+        return true
     }
 
     /// Takes every BH scheduled so far as one batch, in first-scheduled order.
@@ -131,19 +172,30 @@ extension AioContext {
                 bhSlices.removeFirst()
                 continue
             }
-            let bh = node.takeRetainedValue()
-            // Read `next` before clearing PENDING: afterwards another thread may push the BH
-            // again and rewrite it.
-            bhSlices[0] = bh.next
-            bh.next = nil
-            let mask = BottomHalf.Flags.pending | BottomHalf.Flags.scheduled | BottomHalf.Flags.idle
-            let old = bh.flags.bitwiseAnd(~mask, ordering: .acquiringAndReleasing).oldValue
-            if old & (BottomHalf.Flags.scheduled | BottomHalf.Flags.deleted) == BottomHalf.Flags.scheduled {
-                if old & BottomHalf.Flags.idle == 0 { progress = true }
-                statistics._bottomHalvesRun.bump()
-                bh.callback()
+            // No retain: a linked BH is alive until the loop drops it (see the ownership note).
+            let old = node._withUnsafeGuaranteedRef { bh in
+                // Read `next` before clearing PENDING: afterwards another thread may push the
+                // BH again and rewrite it.
+                bhSlices[0] = bh.next
+                bh.next = nil
+                // The common case first, as in enqueue: a BH scheduled and nothing else.
+                let mask = BottomHalf.Flags.pending | BottomHalf.Flags.scheduled | BottomHalf.Flags.idle
+                var old = BottomHalf.Flags.pending | BottomHalf.Flags.scheduled
+                if !bh.flags.compareExchange(expected: old, desired: 0, ordering: .acquiringAndReleasing).exchanged {
+                    old = bh.flags.bitwiseAnd(~mask, ordering: .acquiringAndReleasing).oldValue
+                }
+                if old & (BottomHalf.Flags.scheduled | BottomHalf.Flags.deleted) == BottomHalf.Flags.scheduled {
+                    if old & BottomHalf.Flags.idle == 0 { progress = true }
+                    statistics._bottomHalvesRun.bump()
+                    // The callback may delete the BH: that links it again with a new +1, so
+                    // it outlives this call.
+                    bh.callback()
+                }
+                return old
             }
-            // A one-shot or deleted BH is freed when `bh` goes out of scope.
+            // A one-shot that ran, or a deleted BH: drop the loop's +1. A one-shot is never
+            // scheduled again, and a deleted BH never linked again, so this is the last use.
+            if old & (BottomHalf.Flags.oneShot | BottomHalf.Flags.deleted) != 0 { node.release() }
         }
         return progress
     }

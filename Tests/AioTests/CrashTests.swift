@@ -40,6 +40,18 @@ struct CrashTests {
         expectMessage(result, "bottom half 'forgotten' leaked")
     }
 
+    @Test("dropping the last reference to an undeleted BH crashes at once")
+    func droppedBottomHalf() async {
+        let result = await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
+            let ctx = try! AioContext()
+            var bh: BottomHalf? = ctx.makeBottomHalf(name: "dropped") {}
+            bh!.schedule()
+            bh = nil
+            ctx.poll(blocking: false)
+        }
+        expectMessage(result, "bottom half 'dropped' leaked: its last reference went away before delete()")
+    }
+
     @Test("deleting a BH twice crashes")
     func doubleDelete() async {
         let result = await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
