@@ -7,6 +7,7 @@
 //
 // Usage: compare [CREF]                 (default cref/bin/cref)
 //        compare probe-idle-memory | probe-soak SECONDS   (children of the memory rows)
+//        compare probe-w2e ROUNDS   (W2 existing BHs alone, for profiling)
 // Environment: DP_BENCH_REPEATS (3), DP_BENCH_W3_MS (2000, measured window per W3/W4 run),
 // DP_BENCH_W6_MS (5000), DP_BENCH_SOAK_SECONDS (10; the figure is 60),
 // DP_BENCH_ONLY (comma-separated sections: w1,w2,w3,w4,w5,w6,alloc,memory,idle).
@@ -16,6 +17,12 @@ import Glibc
 let args = Array(CommandLine.arguments.dropFirst())
 if args.first == "probe-idle-memory" {
     try probeIdleMemory()
+    exit(0)
+}
+if args.first == "probe-w2e" {  // W2 existing BHs alone, for perf and callgrind
+    let pool = try ExistingBHs()
+    for _ in 0..<(Int(args.dropFirst().first ?? "5") ?? 5) { print("per_second=\(Int(pool.round()["per_second"]!))") }
+    pool.close()
     exit(0)
 }
 if args.first == "probe-soak" {
@@ -92,10 +99,11 @@ if enabled("iter") {
 
 // MARK: W2 bh-throughput
 if enabled("w2") {
-    var oneShot = Runs(), existing = Runs(), c = Runs(), nio = Runs()
+    var oneShot = Runs(), existing = Runs(), existingArray = Runs(), c = Runs(), nio = Runs()
     let pool = try ExistingBHs()
     for _ in 0..<repeats {
         existing.append(pool.round())
+        existingArray.append(pool.round(unmanaged: false))
         oneShot.append(try dataplaneW2OneShot())
         c.append(cref(["w2"]))
         nio.append(try nioW2())
@@ -104,9 +112,11 @@ if enabled("w2") {
     let e = existing.stat("per_second"), o = oneShot.stat("per_second"), cs = c.stat("per_second"), ns = nio.stat("per_second")
     table.add("W2 existing BHs/s (C: preallocated nodes)", .rate, dp: e, c: cs,
               goal: "≥0.5× C", met: cs.map { e!.median >= 0.5 * $0.median })
+    table.add("  the same from a [BottomHalf] loop (caller's ARC)", .rate, dp: existingArray.stat("per_second"), c: cs)
     table.add("W2 one-shot BHs/s (NIO: execute)", .rate, dp: o, c: cs, nio: ns,
               goal: "≥10× NIO execute", met: ns.map { o!.median >= 10 * $0.median })
-    existingBHMallocs = (existing.runs.reduce(0) { $0 + $1["mallocs"]! }, existing.runs.reduce(0) { $0 + $1["ops"]! })
+    existingBHMallocs = ((existing.runs + existingArray.runs).reduce(0) { $0 + $1["mallocs"]! },
+                         (existing.runs + existingArray.runs).reduce(0) { $0 + $1["ops"]! })
     table.add("W2 allocations per one-shot BH / execute", .count, dp: oneShot.stat("mallocs_per_op"),
               nio: nio.stat("mallocs_per_op"), ratios: false)
 }
