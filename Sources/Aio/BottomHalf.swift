@@ -23,7 +23,9 @@ import Synchronization
 /// A callback that runs on its context's home thread when scheduled.
 ///
 /// Create one with ``AioContext/makeBottomHalf(name:_:)``; it must be ``delete()``d before
-/// its context is destroyed (QEMU aborts on a leaked BH; so do we).
+/// its context is destroyed and before its last reference goes away (QEMU aborts on a leaked
+/// BH; so do we). Scheduling takes no reference: while linked, the BH lives on its owner's
+/// reference, and after `delete()` on the loop's until the loop unlinks it.
 ///
 /// `@unchecked Sendable`: `flags` is atomic; `next` is written only by the thread that won
 /// PENDING (before the release-CAS that publishes it) and read only by the home thread after
