@@ -37,8 +37,8 @@ extension AioContext {
         // or the producer sees our announcement and writes the eventfd.
         let announced = timeout != 0
         if announced {
-            notifyMe.add(2, ordering: .sequentiallyConsistent)
-            if notified.load(ordering: .sequentiallyConsistent) { timeout = 0 }
+            wake.pointee.notifyMe.add(2, ordering: .sequentiallyConsistent)
+            if wake.pointee.notified.load(ordering: .sequentiallyConsistent) { timeout = 0 }
         }
         if timeout != 0 || monitor.needsWait {
             if timeout != 0 && pollSetStarted(false) {
@@ -58,7 +58,7 @@ extension AioContext {
         }
         if announced {
             // Release: finish the wait before withdrawing the announcement.
-            notifyMe.subtract(2, ordering: .releasing)
+            wake.pointee.notifyMe.subtract(2, ordering: .releasing)
         }
         notifyAccept()
 
@@ -105,6 +105,9 @@ extension AioContext {
     func runPollHandlers(maxNs initialMax: Int64, _ timeout: inout Int64) -> Bool {
         var progress = false
         var maxNs = initialMax
+        // One reference for the whole window, not a retain and release of the existential
+        // on every spin.
+        let monitor = self.monitor!
         let start = monotonicNanoseconds()
         var now = start
         var elapsed: Int64 = 0
@@ -134,7 +137,7 @@ extension AioContext {
             i += 1
             guard !h.deleted else { continue }
             let ready = h.role == .contextNotifier
-                ? notified.load(ordering: .relaxed) : h.callbacks.poll!()
+                ? wake.pointee.notified.load(ordering: .relaxed) : h.callbacks.poll!()
             if ready {
                 markPollReady(h)
                 timeout = 0
@@ -176,7 +179,7 @@ extension AioContext {
 
     @inline(__always)
     func pollOnce(_ h: FdHandler) -> Bool {
-        h.role == .contextNotifier ? notified.load(ordering: .relaxed) : (h.callbacks.poll?() ?? false)
+        h.role == .contextNotifier ? wake.pointee.notified.load(ordering: .relaxed) : (h.callbacks.poll?() ?? false)
     }
 
     /// QEMU `poll_set_started`: calls poll-begin or poll-end on the handlers in the poll

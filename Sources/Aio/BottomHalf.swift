@@ -125,13 +125,13 @@ extension AioContext {
         }
         if old & BottomHalf.Flags.pending == 0 {
             let node = Unmanaged.passUnretained(bh)
-            var head = bhList.load(ordering: .relaxed)
+            var head = wake.pointee.bhList.load(ordering: .relaxed)
             while true {
                 bh.next = head
                 // Sequentially consistent (a locked cmpxchg on x86 either way): publishes
                 // `next` to the home thread, and orders the push before the load of
                 // `notified` (see notifyAfterSequentiallyConsistentPublish).
-                let (done, current) = bhList.compareExchange(
+                let (done, current) = wake.pointee.bhList.compareExchange(
                     expected: head, desired: node, successOrdering: .sequentiallyConsistent, failureOrdering: .relaxed)
                 if done { break }
                 head = current
@@ -145,8 +145,8 @@ extension AioContext {
     func takeBottomHalves() -> Unmanaged<BottomHalf>? {
         // Acquire pairs with the releasing CAS in enqueue. An empty list is seen with a plain
         // load (no locked exchange); a BH pushed right after comes with a notify.
-        guard bhList.load(ordering: .acquiring) != nil else { return nil }
-        var node = bhList.exchange(nil, ordering: .acquiring)
+        guard wake.pointee.bhList.load(ordering: .acquiring) != nil else { return nil }
+        var node = wake.pointee.bhList.exchange(nil, ordering: .acquiring)
         // The stack is newest first: reverse it so BHs run in the order they were scheduled.
         var reversed: Unmanaged<BottomHalf>? = nil
         while let n = node {
@@ -224,7 +224,7 @@ extension AioContext {
         }
         // Nodes on the shared list are only ever unlinked by this (the home) thread, so
         // walking from an acquired head is safe while other threads push.
-        if scan(bhList.load(ordering: .acquiring)) { return 0 }
+        if scan(wake.pointee.bhList.load(ordering: .acquiring)) { return 0 }
         for slice in bhSlices where scan(slice) { return 0 }
         return timeout
     }

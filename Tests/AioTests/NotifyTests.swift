@@ -29,7 +29,7 @@ struct NotifyTests {
         var ctx: AioContext? = nil
         while ctx == nil { ctx = ctxBox.withLock { $0 }; usleep(100) }
         // Wait until the loop announced that it may block (notify_me != 0), then burst.
-        while ctx!.notifyMe.load(ordering: .acquiring) == 0 { usleep(100) }
+        while ctx!.wake.pointee.notifyMe.load(ordering: .acquiring) == 0 { usleep(100) }
         let before = ctx!.statistics.eventfdWrites
         for _ in 0..<count { ctx!.scheduleOneShot { ran.add(1, ordering: .relaxed) } }
         while !polled.load(ordering: .acquiring) { usleep(100) }
