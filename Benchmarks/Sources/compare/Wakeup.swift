@@ -195,3 +195,4 @@ func dataplaneExecutorJobs() throws -> [String: Double] {
     }
     return result
 }
+

@@ -7,7 +7,7 @@
 //
 // Usage: compare [CREF]                 (default cref/bin/cref)
 //        compare probe-idle-memory | probe-soak SECONDS   (children of the memory rows)
-//        compare probe-w2e ROUNDS   (W2 existing BHs alone, for profiling)
+//        compare probe-w2e ROUNDS | probe-w1 RUNS   (W2 existing, W1 polling on, alone: for profiling)
 // Environment: DP_BENCH_REPEATS (3), DP_BENCH_W3_MS (2000, measured window per W3/W4 run),
 // DP_BENCH_W6_MS (5000), DP_BENCH_SOAK_SECONDS (10; the figure is 60),
 // DP_BENCH_ONLY (comma-separated sections: w1,w2,w3,w4,w5,w6,alloc,memory,idle).
@@ -23,6 +23,10 @@ if args.first == "probe-w2e" {  // W2 existing BHs alone, for perf and callgrind
     let pool = try ExistingBHs()
     for _ in 0..<(Int(args.dropFirst().first ?? "5") ?? 5) { print("per_second=\(Int(pool.round()["per_second"]!))") }
     pool.close()
+    exit(0)
+}
+if args.first == "probe-w1" {  // W1 polling on alone, for profiling
+    for _ in 0..<(Int(args.dropFirst().first ?? "3") ?? 3) { print(try dataplaneW1(pollMaxNs: 32768)) }
     exit(0)
 }
 if args.first == "probe-soak" {
