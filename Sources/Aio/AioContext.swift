@@ -68,6 +68,10 @@ public final class AioContext: @unchecked Sendable {
     // has finished with them); the dynamic checks a class's `var`s get otherwise cost ~45%
     // of an idle loop iteration in perf (swift_beginAccess, AccessSet, a TLS lookup each).
     @exclusivity(unchecked) var monitor: FDMonitor!
+    /// The same monitor when it is io_uring's, unretained (``monitor`` owns it): a call
+    /// through it is direct and takes no reference, where a call through the stored
+    /// existential retains and releases it around a witness-table call, on every request.
+    @exclusivity(unchecked) var uring: Unmanaged<IOUringMonitor>? = nil
     let notifier: EventNotifier
     @exclusivity(unchecked) var notifierHandler: FdHandler!
     @exclusivity(unchecked) var handlersByFd: [Int32: FdHandler] = [:]
@@ -117,7 +121,11 @@ public final class AioContext: @unchecked Sendable {
 
     struct RequestSlot {
         var generation: UInt32 = 0
+        /// The caller's tag, for a request sent to a ``CompletionTarget``.
+        var tag: UInt32 = 0
+        /// One of these two is set while the request is in flight.
         var completion: ((Int32) -> Void)?
+        var target: Unmanaged<CompletionTarget>?
     }
 
     /// The request slots, free list and completions waiting for dispatch. Home thread only.
@@ -126,10 +134,10 @@ public final class AioContext: @unchecked Sendable {
     /// a thread-local lookup), several per request; pointer memory carries none. What the
     /// checks guarded — no overlapping access — holds by construction: only the home thread
     /// touches the table, and no completion runs while an access is open.
-    struct RequestTable {
-        var slots: ContiguousArray<RequestSlot> = []
-        var free: ContiguousArray<Int> = []
-        var ready: ContiguousArray<(userData: UInt64, result: Int32)> = []
+    struct RequestTable: ~Copyable {
+        var slots = RawArray<RequestSlot>()
+        var free = RawArray<Int>()
+        var ready = RawArray<(userData: UInt64, result: Int32)>()
         var readyHead = 0
         var inFlight = 0
         var hasReady: Bool { readyHead < ready.count }
@@ -169,6 +177,7 @@ public final class AioContext: @unchecked Sendable {
         }
         if monitor == nil { monitor = try EpollMonitor(context: self) }
         self.monitor = monitor
+        if let m = monitor as? IOUringMonitor { uring = Unmanaged.passUnretained(m) }
         self.fallbackReason = reason
         // The context's own notifier: its read clears the eventfd, its poll reads `notified`;
         // neither counts as progress. Unlike QEMU it is in the poll list from the start, so a
@@ -188,6 +197,15 @@ public final class AioContext: @unchecked Sendable {
             leaked.isEmpty,
             "BUG DETECTED: bottom half '\(leaked.values.sorted().first ?? "?")' leaked: delete every bottom half before its AioContext goes away (\(leaked.count) left)")
         (monitor as? EpollMonitor)?.shutdown()
+        // Targets with requests that will never complete: drop the context's hold on them.
+        for i in 0..<requests.pointee.slots.count {
+            guard let target = requests.pointee.slots[i].target else { continue }
+            let last = target._withUnsafeGuaranteedRef { t in
+                t.inFlight -= 1
+                return t.inFlight == 0
+            }
+            if last { target.release() }
+        }
         requests.deinitialize(count: 1)
         requests.deallocate()
         defer {
@@ -302,6 +320,12 @@ public final class AioContext: @unchecked Sendable {
         // The loop's +1: the list owns a one-shot until it ran (see BottomHalf's ownership note).
         _ = Unmanaged.passRetained(bh)
         enqueue(bh, flags: BottomHalf.Flags.scheduled)
+    }
+
+    /// Makes a target for ``submit(_:to:tag:)``: `body` runs on the home thread with the
+    /// request's tag and result. Thread-safe to create; used on the home thread.
+    public func makeCompletionTarget(_ body: @escaping (_ tag: UInt32, _ result: Int32) -> Void) -> CompletionTarget {
+        CompletionTarget(context: self, body: body)
     }
 
     func forget(_ bh: BottomHalf) {
@@ -427,22 +451,61 @@ public final class AioContext: @unchecked Sendable {
     /// the result (a byte count, 0, or `-errno`). Home thread only. On the epoll backend
     /// reads, writes and fsyncs run on a small worker pool instead.
     ///
+    /// The closure is retained while the request is in flight: for many requests that share
+    /// one callback, ``submit(_:to:tag:)`` takes no reference per request.
+    ///
     /// Requests still in flight when the context is destroyed never complete (as in QEMU).
     public func submit(_ request: IORequest, _ completion: @escaping (Int32) -> Void) {
         assertOnHomeThread("submit")
+        let (slot, generation) = takeRequestSlot()
+        requests.pointee.slots[slot].completion = completion
+        send(request, userData: UserData.make(kind: UserData.request, generation: generation, slot: slot))
+    }
+
+    /// Submits a request whose completion runs `target`'s callback with `tag` and the result
+    /// (a byte count, 0, or `-errno`), on the home thread. Home thread only; `target` must
+    /// have been made by this context.
+    ///
+    /// No reference is taken per request: the context holds the target (one retain) from
+    /// the moment it has a request in flight until it has none, so the owner may drop it
+    /// at any time.
+    public func submit(_ request: IORequest, to target: CompletionTarget, tag: UInt32) {
+        assertOnHomeThread("submit")
+        precondition(target.context == Unmanaged.passUnretained(self).toOpaque(),
+                     "BUG DETECTED: CompletionTarget used with a context other than the one that made it")
+        if target.inFlight == 0 { _ = Unmanaged.passRetained(target) }
+        target.inFlight += 1
+        let (slot, generation) = takeRequestSlot()
+        requests.pointee.slots[slot].tag = tag
+        requests.pointee.slots[slot].target = Unmanaged.passUnretained(target)
+        send(request, userData: UserData.make(kind: UserData.request, generation: generation, slot: slot))
+    }
+
+    /// A free request slot and its new generation, counted in flight.
+    @inline(__always)
+    func takeRequestSlot() -> (slot: Int, generation: UInt32) {
         let table = requests
         let slot: Int
-        if let free = table.pointee.free.popLast() {
-            slot = free
+        if !table.pointee.free.isEmpty {
+            slot = table.pointee.free.removeLast()
         } else {
             slot = table.pointee.slots.count
             table.pointee.slots.append(RequestSlot())
         }
         let generation = table.pointee.slots[slot].generation &+ 1
-        table.pointee.slots[slot] = RequestSlot(generation: generation, completion: completion)
-        let userData = UserData.make(kind: UserData.request, generation: generation, slot: slot)
+        table.pointee.slots[slot].generation = generation
         table.pointee.inFlight += 1
-        if !monitor.submit(request, userData: userData) {
+        return (slot, generation)
+    }
+
+    @inline(__always)
+    func send(_ request: IORequest, userData: UInt64) {
+        let accepted = if let uring {
+            uring._withUnsafeGuaranteedRef { $0.submit(request, userData: userData) }
+        } else {
+            monitor.submit(request, userData: userData)
+        }
+        if !accepted {
             // The kernel would not take another request even after a reap: complete it with
             // -EBUSY rather than lose it.
             requestCompleted(userData: userData, result: -EBUSY)
@@ -467,17 +530,35 @@ public final class AioContext: @unchecked Sendable {
             let (userData, result) = table.pointee.ready[table.pointee.readyHead]
             table.pointee.readyHead += 1
             let slot = UserData.slot(userData)
-            guard slot < table.pointee.slots.count, table.pointee.slots[slot].generation == UserData.generation(userData),
-                  let completion = table.pointee.slots[slot].completion.take()
+            guard slot < table.pointee.slots.count, table.pointee.slots[slot].generation == UserData.generation(userData)
             else { continue }
-            table.pointee.free.append(slot)
-            table.pointee.inFlight -= 1
-            progress = true
-            statistics._completions.bump()
-            completion(result)  // may submit: the table is not being accessed here
+            // Callbacks may submit: the table is not being accessed while they run.
+            if let target = table.pointee.slots[slot].target {
+                table.pointee.slots[slot].target = nil
+                let tag = table.pointee.slots[slot].tag
+                table.pointee.free.append(slot)
+                table.pointee.inFlight -= 1
+                progress = true
+                statistics._completions.bump()
+                // The context's hold on the target ends with its last request in flight,
+                // after the callback (which may submit again, taking a new hold).
+                let last = target._withUnsafeGuaranteedRef { t in
+                    t.inFlight -= 1
+                    let last = t.inFlight == 0
+                    t.body(tag, result)
+                    return last
+                }
+                if last { target.release() }
+            } else if let completion = table.pointee.slots[slot].completion.take() {
+                table.pointee.free.append(slot)
+                table.pointee.inFlight -= 1
+                progress = true
+                statistics._completions.bump()
+                completion(result)
+            }
         }
         if table.pointee.readyHead > 0 && !table.pointee.hasReady {
-            table.pointee.ready.removeAll(keepingCapacity: true)
+            table.pointee.ready.removeAll()
             table.pointee.readyHead = 0
         }
         return progress

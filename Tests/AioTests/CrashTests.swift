@@ -52,6 +52,17 @@ struct CrashTests {
         expectMessage(result, "bottom half 'dropped' leaked: its last reference went away before delete()")
     }
 
+    @Test("a completion target used with another context crashes")
+    func completionTargetOfAnotherContext() async {
+        let result = await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
+            let a = try! AioContext()
+            let b = try! AioContext()
+            let target = a.makeCompletionTarget { _, _ in }
+            b.submit(.nop, to: target, tag: 0)
+        }
+        expectMessage(result, "CompletionTarget used with a context other than the one that made it")
+    }
+
     @Test("deleting a BH twice crashes")
     func doubleDelete() async {
         let result = await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
