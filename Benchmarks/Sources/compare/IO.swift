@@ -39,12 +39,15 @@ struct BenchError: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
-// W4 (a): NOPs through the context's ring, 32 per batch (2M after 100k of warm-up).
-func dataplaneW4Nop() throws -> [String: Double] {
+// W4 (a): NOPs through the context's ring, 32 per batch (2M after 100k of warm-up). The
+// completions go to one CompletionTarget with a tag each, as the C loop's go to user_data;
+// with `closures`, to one shared closure per request instead (retained while in flight).
+func dataplaneW4Nop(closures: Bool = false) throws -> [String: Double] {
     let ctx = try AioContext()
     final class Count { var n = 0 }  // home thread only
     let count = Count()
     let done: (Int32) -> Void = { _ in count.n += 1 }
+    let target = ctx.makeCompletionTarget { _, _ in count.n += 1 }
     let batch = 32, n = 2_000_000, warm = 100_000
     var t0: Int64 = 0
     var m0: UInt64 = 0
@@ -54,7 +57,11 @@ func dataplaneW4Nop() throws -> [String: Double] {
             t0 = monotonicNanoseconds()
             m0 = countEnters(ctx)
         }
-        for _ in 0..<batch { ctx.submit(.nop, done) }
+        if closures {
+            for _ in 0..<batch { ctx.submit(.nop, done) }
+        } else {
+            for i in 0..<batch { ctx.submit(.nop, to: target, tag: UInt32(i)) }
+        }
         submitted += batch
         while count.n < submitted { ctx.poll(blocking: true) }
     }
@@ -92,27 +99,29 @@ func dataplaneW4Read(path: String, durationNs: Int64) throws -> [String: Double]
         var measured: UInt64 = 0
         var errors: UInt64 = 0
         var measureFrom: Int64 = .max
-        var completions: [(Int32) -> Void] = []
+        var stopping = false
     }
     let st = State()
     let buffers = UnsafeMutableRawBufferPointer.allocate(byteCount: qd * bs, alignment: 4096)
     defer { buffers.deallocate() }
+    // The slot is the request's tag (the C reference's user_data).
+    var target: CompletionTarget! = nil
     func submit(_ slot: Int) {
         let offset = (st.rng.next() % blocks) * UInt64(bs)
         st.issued[slot] = monotonicNanoseconds()
         ctx.submit(.read(fd: fd, buffer: UnsafeMutableRawBufferPointer(rebasing: buffers[slot * bs..<(slot + 1) * bs]),
-                         offset: offset), st.completions[slot])
+                         offset: offset), to: target, tag: UInt32(slot))
     }
-    st.completions = (0..<qd).map { slot in
-        { (result: Int32) in
-            let now = monotonicNanoseconds()
-            if result != Int32(bs) { st.errors += 1 }
-            if now >= st.measureFrom {
-                _ = st.histogram.record(UInt64(max(1, now - st.issued[slot])))
-                st.measured += 1
-            }
-            submit(slot)
+    target = ctx.makeCompletionTarget { tag, result in
+        guard !st.stopping else { return }
+        let slot = Int(tag)
+        let now = monotonicNanoseconds()
+        if result != Int32(bs) { st.errors += 1 }
+        if now >= st.measureFrom {
+            _ = st.histogram.record(UInt64(max(1, now - st.issued[slot])))
+            st.measured += 1
         }
+        submit(slot)
     }
     for s in 0..<qd { submit(s) }
     let t0 = monotonicNanoseconds() + 200_000_000
@@ -125,8 +134,9 @@ func dataplaneW4Read(path: String, durationNs: Int64) throws -> [String: Double]
     }
     let elapsed = now - t0
     // Let the reads in flight finish before the buffers go.
-    st.completions = (0..<qd).map { _ in { _ in } }
+    st.stopping = true
     while ctx.pendingRequests > 0 { ctx.poll(blocking: true) }
+    target = nil
     return ["iops": Double(st.measured) * 1e9 / Double(elapsed),
             "p50": Double(st.histogram.valueAtPercentile(50)), "p99": Double(st.histogram.valueAtPercentile(99)),
             "errors": Double(st.errors)]

@@ -7,7 +7,7 @@
 //
 // Usage: compare [CREF]                 (default cref/bin/cref)
 //        compare probe-idle-memory | probe-soak SECONDS   (children of the memory rows)
-//        compare probe-w2e ROUNDS | probe-w1 RUNS   (W2 existing, W1 polling on, alone: for profiling)
+//        compare probe-w2e ROUNDS | probe-w1 RUNS | probe-w4nop RUNS   (one workload alone, for profiling)
 // Environment: DP_BENCH_REPEATS (3), DP_BENCH_W3_MS (2000, measured window per W3/W4 run),
 // DP_BENCH_W6_MS (5000), DP_BENCH_SOAK_SECONDS (10; the figure is 60),
 // DP_BENCH_ONLY (comma-separated sections: w1,w2,w3,w4,w5,w6,alloc,memory,idle).
@@ -27,6 +27,10 @@ if args.first == "probe-w2e" {  // W2 existing BHs alone, for perf and callgrind
 }
 if args.first == "probe-w1" {  // W1 polling on alone, for profiling
     for _ in 0..<(Int(args.dropFirst().first ?? "3") ?? 3) { print(try dataplaneW1(pollMaxNs: 32768)) }
+    exit(0)
+}
+if args.first == "probe-w4nop" {  // W4 NOPs alone, for profiling
+    for _ in 0..<(Int(args.dropFirst().first ?? "3") ?? 3) { print(try dataplaneW4Nop(closures: getenv("CLOSURES") != nil)) }
     exit(0)
 }
 if args.first == "probe-soak" {
@@ -158,14 +162,16 @@ if enabled("w3") {
 
 // MARK: W4 io
 if enabled("w4") {
-    var ours = Runs(), theirs = Runs()
+    var ours = Runs(), closures = Runs(), theirs = Runs()
     for _ in 0..<repeats {
         ours.append(try dataplaneW4Nop())
+        closures.append(try dataplaneW4Nop(closures: true))
         theirs.append(cref(["w4nop"]))
     }
     let dp = ours.stat("per_second"), cs = theirs.stat("per_second")
     table.add("W4 NOPs/s through the context ring, batches of 32", .rate, dp: dp, c: cs,
               goal: "≥0.8× C", met: cs.map { dp!.median >= 0.8 * $0.median })
+    table.add("  the same with a closure per request", .rate, dp: closures.stat("per_second"), c: cs)
     table.add("  ring enters per batch", .count, dp: ours.stat("enters_per_batch"), ratios: false)
 
     let path = "\(getcwd(nil, 0).map { String(cString: $0) } ?? ".")/.build/w4-1GiB.dat"
