@@ -113,7 +113,9 @@ public final class DeviceQueue: @unchecked Sendable {
     var slots: [Request]
     var iovs: [UnsafeMutablePointer<iovec>]
     var iovCapacity: [Int]
-    var completions: [(Int32) -> Void] = []
+    /// Where the backend's completions go, tagged with the request's head: one object per
+    /// attach, no closure per descriptor and no reference per request.
+    var completionTarget: CompletionTarget?
     var timers: [AioTimer] = []
     var drained: (() -> Void)?
     /// Why the queue broke (home thread; for diagnostics).
@@ -163,8 +165,8 @@ public final class DeviceQueue: @unchecked Sendable {
     public func attachOnHomeThread(_ ctx: AioContext) {
         context = ctx
         irqBH = ctx.makeBottomHalf(name: "\(name)-q\(index)-irq") { [unowned self] in flushInterrupt() }
-        completions = (0..<ring.layout.size).map { head in
-            { [unowned self] (result: Int32) in backendCompleted(head: head, result: result) }
+        completionTarget = ctx.makeCompletionTarget { [unowned self] tag, result in
+            backendCompleted(head: Int(tag), result: result)
         }
         if case .delay = backend.backend {
             timers = (0..<ring.layout.size).map { head in
@@ -211,7 +213,7 @@ public final class DeviceQueue: @unchecked Sendable {
         irqBH = nil
         for t in timers { t.cancel() }
         timers = []
-        completions = []
+        completionTarget = nil
         context = nil
         let done = drained
         drained = nil
@@ -282,7 +284,7 @@ public final class DeviceQueue: @unchecked Sendable {
             case .null:
                 complete(head: head, status: VirtioBlk.statusOK, written: isWrite ? 0 : UInt32(req.dataLen))
             case .nop:
-                context!.submit(.nop, completions[head])
+                context!.submit(.nop, to: completionTarget!, tag: UInt32(head))
             case .delay(let ns):
                 timers[head].arm(after: ns)
             case .file:
@@ -293,14 +295,16 @@ public final class DeviceQueue: @unchecked Sendable {
                 let iov = UnsafePointer(iovs[head] + req.dataStart)
                 let offset = req.sector &* VirtioBlk.sectorSize
                 if isWrite {
-                    context!.submit(.writev(fd: fd, iovecs: iov, count: req.dataCount, offset: offset), completions[head])
+                    context!.submit(.writev(fd: fd, iovecs: iov, count: req.dataCount, offset: offset),
+                                    to: completionTarget!, tag: UInt32(head))
                 } else {
-                    context!.submit(.readv(fd: fd, iovecs: iov, count: req.dataCount, offset: offset), completions[head])
+                    context!.submit(.readv(fd: fd, iovecs: iov, count: req.dataCount, offset: offset),
+                                    to: completionTarget!, tag: UInt32(head))
                 }
             }
         case VirtioBlk.typeFlush:
             if case .file = backend.backend {
-                context!.submit(.fsync(fd: fd, dataOnly: true), completions[head])
+                context!.submit(.fsync(fd: fd, dataOnly: true), to: completionTarget!, tag: UInt32(head))
             } else {
                 complete(head: head, status: VirtioBlk.statusOK, written: 0)
             }
@@ -365,7 +369,7 @@ public final class DeviceQueue: @unchecked Sendable {
         slots[head].extentSectors = count
         slots[head].fallocateMode = mode
         context!.submit(.fallocate(fd: backend.fileDescriptor, mode: mode, offset: sector &* VirtioBlk.sectorSize,
-                                   length: count &* VirtioBlk.sectorSize), completions[head])
+                                   length: count &* VirtioBlk.sectorSize), to: completionTarget!, tag: UInt32(head))
     }
 
     /// A whole number of 512-byte sectors inside the backend (overflow-safe).
@@ -502,7 +506,7 @@ public final class DeviceQueue: @unchecked Sendable {
                 slots[head].punching = true
                 context!.submit(.fallocate(fd: backend.fileDescriptor, mode: VirtioBlk.fallocPunchHole | VirtioBlk.fallocKeepSize,
                                            offset: req.sector &* VirtioBlk.sectorSize,
-                                           length: req.extentSectors &* VirtioBlk.sectorSize), completions[head])
+                                           length: req.extentSectors &* VirtioBlk.sectorSize), to: completionTarget!, tag: UInt32(head))
                 return
             }
             slots[head].punching = false
@@ -517,7 +521,7 @@ public final class DeviceQueue: @unchecked Sendable {
             complete(head: head, status: VirtioBlk.statusIOErr, written: 0)
         } else if isFile && req.type == VirtioBlk.typeOut && writeThrough {
             slots[head].syncing = true
-            context!.submit(.fsync(fd: backend.fileDescriptor, dataOnly: true), completions[head])
+            context!.submit(.fsync(fd: backend.fileDescriptor, dataOnly: true), to: completionTarget!, tag: UInt32(head))
             return
         } else {
             complete(head: head, status: VirtioBlk.statusOK, written: req.type == VirtioBlk.typeIn ? UInt32(req.dataLen) : 0)
