@@ -5,6 +5,9 @@
 // taking requests (remove the kick handler, consume a raced kick), wait until every request
 // already taken has completed and its completion is visible to the guest, then release the
 // holds. Requests not yet taken stay in the avail ring: re-attaching resumes from there.
+// Move: hold the new IOThreads, then each queue detaches on its IOThread and, from there,
+// schedules its own attach on the new one (no task switch inside the pause); then release
+// the IOThreads no queue uses any more.
 import Aio
 import CShims
 import Glibc
@@ -16,7 +19,7 @@ import Synchronization
 /// `@unchecked Sendable`: `phase` and `holds` are behind `lifecycle`; each queue is confined
 /// to the IOThread it is attached to (see DeviceQueue); the rest is immutable.
 public final class VirtioBlkDevice: @unchecked Sendable {
-    public enum Phase: Sendable, Equatable { case detached, attaching, attached, detaching }
+    public enum Phase: Sendable, Equatable { case detached, attaching, attached, detaching, moving }
 
     /// The device id (`-device virtio-blk,id=…`).
     public let id: String
@@ -35,6 +38,7 @@ public final class VirtioBlkDevice: @unchecked Sendable {
         var phase: Phase = .detached
         var mapping: [IOThread] = []  // per queue
         var holds: [HoldBox] = []
+        var heldThreads: [ObjectIdentifier] = []  // holds[i] is on heldThreads[i]
     }
 
     /// A hold in a box: arrays need copyable elements, a hold is ~Copyable.
@@ -126,9 +130,8 @@ public final class VirtioBlkDevice: @unchecked Sendable {
             guard s.phase == .detached else { throw DeviceError("device '\(id)' is already attached") }
             s.phase = .attaching
             s.mapping = mapping
-            var seen: [ObjectIdentifier] = []
-            for t in mapping where !seen.contains(ObjectIdentifier(t)) {
-                seen.append(ObjectIdentifier(t))
+            for t in mapping where !s.heldThreads.contains(ObjectIdentifier(t)) {
+                s.heldThreads.append(ObjectIdentifier(t))
                 s.holds.append(HoldBox(t.hold(holderPath)))
             }
         }
@@ -161,19 +164,74 @@ public final class VirtioBlkDevice: @unchecked Sendable {
             s.mapping = []
             let h = s.holds
             s.holds = []
+            s.heldThreads = []
             return h
         }
         for h in holds { h.release() }
     }
 
-    /// Moves every queue to `iothread` (detach, then attach) and returns the pause: the time
-    /// during which no IOThread took requests from this device, in ns.
+    /// Moves every queue to `iothread` and returns the pause in ns (see ``move(mapping:)``).
     @discardableResult
     public func move(to iothread: IOThread) async throws(DeviceError) -> Int64 {
-        let t0 = monotonicNanoseconds()
-        try await detach()
-        try await attach(to: iothread)
-        return monotonicNanoseconds() - t0
+        try await move(mapping: Array(repeating: iothread, count: queues.count))
+    }
+
+    /// Moves queue k to `mapping[k]` and returns the pause: the longest time, over the
+    /// queues, during which no IOThread took the queue's requests, in ns.
+    ///
+    /// Each queue hands itself over: its IOThread stops taking requests, waits for those
+    /// already taken to complete (as ``detach()`` does), and then schedules the attach on
+    /// the new IOThread itself, so no task switch lies inside the pause. The new IOThreads
+    /// are held before the first queue stops; an old one is released after the last queue
+    /// has left it.
+    /// - Throws: ``DeviceError`` when the device is not attached or the mapping has the
+    ///   wrong length.
+    @discardableResult
+    public func move(mapping: [IOThread]) async throws(DeviceError) -> Int64 {
+        guard mapping.count == queues.count else {
+            throw DeviceError("device '\(id)' has \(queues.count) queues, mapping has \(mapping.count)")
+        }
+        let old = try lifecycle.withLock { s throws(DeviceError) -> [IOThread] in
+            guard s.phase == .attached else { throw DeviceError("device '\(id)' is not attached") }
+            s.phase = .moving
+            for t in mapping where !s.heldThreads.contains(ObjectIdentifier(t)) {
+                s.heldThreads.append(ObjectIdentifier(t))
+                s.holds.append(HoldBox(t.hold(holderPath)))
+            }
+            return s.mapping
+        }
+        let pauses = Locked([Int64]())
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            let remaining = Atomic<Int>(queues.count)
+            for (k, q) in queues.enumerated() {
+                let from = old[k].context!, to = mapping[k].context!
+                from.scheduleOneShot(name: "move") {
+                    let stopped = monotonicNanoseconds()
+                    q.detachOnHomeThread {
+                        to.scheduleOneShot(name: "move") {
+                            q.attachOnHomeThread(to)
+                            let pause = monotonicNanoseconds() - stopped
+                            pauses.withLock { $0.append(pause) }
+                            // Acquire-release: the last queue's resume sees every pause.
+                            if remaining.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 { done.resume() }
+                        }
+                    }
+                }
+            }
+        }
+        let released = lifecycle.withLock { s -> [HoldBox] in
+            s.phase = .attached
+            s.mapping = mapping
+            let keep = Set(mapping.map(ObjectIdentifier.init))
+            var gone: [HoldBox] = []
+            for i in s.heldThreads.indices.reversed() where !keep.contains(s.heldThreads[i]) {
+                gone.append(s.holds.remove(at: i))
+                s.heldThreads.remove(at: i)
+            }
+            return gone
+        }
+        for h in released { h.release() }
+        return pauses.withLock { $0.max() ?? 0 }
     }
 }
 

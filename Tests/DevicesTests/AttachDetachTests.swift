@@ -168,6 +168,60 @@ struct AttachDetachTests {
         t.stop()
     }
 
+    @Test("a move waits for the requests in flight, then the new IOThread takes the queue; the pause covers both",
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
+    func moveDrainsFirst(_ fdmon: AioContext.Backend) async throws {
+        let a = try makeIOThread("iothread0", fdmon)
+        let b = try makeIOThread("iothread1", fdmon)
+        let dev = try VirtioBlkDevice(id: "disk0", queueSize: 64, backend: .delay(nanoseconds: 30_000_000))
+        try await dev.attach(to: a)
+        let guest = try GuestQueue(device: dev, queue: 0)
+        for id in 0..<3 { guest.submit(id: UInt64(id)) }
+        #expect(eventually { dev.statistics(queue: 0).inFlight == 3 })
+        let pause = try await dev.move(to: b)
+        // The three were taken on a and completed before b took the queue.
+        #expect(guest.ring.usedIdx == 3)
+        #expect(pause >= 10_000_000, "the pause includes the drain of the slow requests")
+        #expect(dev.phase == .attached && dev.iothreads.count == 1 && dev.iothreads[0] === b)
+        #expect(a.holders.isEmpty && b.holders == [dev.holderPath])
+        for id in 3..<6 { guest.submit(id: UInt64(id)) }
+        var ids: [UInt64] = []
+        _ = reap(guest, count: 6) { id, _, _, _ in ids.append(id) }
+        #expect(ids.sorted() == Array(0..<6))
+        try await dev.detach()
+        #expect(b.holders.isEmpty)
+        a.stop()
+        b.stop()
+    }
+
+    @Test("moving a two-queue device between mappings keeps exactly the holds it needs",
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
+    func moveMapping(_ fdmon: AioContext.Backend) async throws {
+        let a = try makeIOThread("iothread0", fdmon)
+        let b = try makeIOThread("iothread1", fdmon)
+        let dev = try VirtioBlkDevice(id: "disk0", queues: 2, queueSize: 16)
+        await #expect(throws: DeviceError("device 'disk0' is not attached")) { try await dev.move(to: a) }
+        try await dev.attach(mapping: [a, a])
+        await #expect(throws: DeviceError("device 'disk0' has 2 queues, mapping has 1")) { try await dev.move(mapping: [b]) }
+        let guests = try (0..<2).map { try GuestQueue(device: dev, queue: $0) }
+        for mapping in [[a, b], [b, a], [b, b], [a, a], [a, a]] {
+            try await dev.move(mapping: mapping)
+            #expect(dev.iothreads.map(ObjectIdentifier.init) == mapping.map(ObjectIdentifier.init))
+            #expect(a.holders == (mapping.contains { $0 === a } ? [dev.holderPath] : []))
+            #expect(b.holders == (mapping.contains { $0 === b } ? [dev.holderPath] : []))
+            for (q, g) in guests.enumerated() {
+                g.submit(id: UInt64(q))
+                var ids: [UInt64] = []
+                #expect(reap(g, count: 1) { id, _, _, _ in ids.append(id) } == 1)
+                #expect(ids == [UInt64(q)])
+            }
+        }
+        try await dev.detach()
+        #expect(a.holders.isEmpty && b.holders.isEmpty)
+        a.stop()
+        b.stop()
+    }
+
     @Test("queues spread over IOThreads: each IOThread holds the device once", .timeLimit(.minutes(1)))
     func multiQueue() async throws {
         let a = try makeIOThread("iothread0", .automatic)
