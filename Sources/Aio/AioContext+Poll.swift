@@ -15,6 +15,8 @@ extension AioContext {
         statistics._iterations.bump()
         depth += 1
         defer { depth -= 1 }
+        // No busy-poll loop is running above a top-level iteration: retired handlers go now.
+        if depth == 1 && !retiredHandlers.isEmpty { retiredHandlers.removeAll(keepingCapacity: true) }
         applyPendingChanges()
         if pollParametersChanged.load(ordering: .acquiring) {
             pollParametersChanged.store(false, ordering: .relaxed)
@@ -133,12 +135,17 @@ extension AioContext {
         var progress = false
         var i = 0
         while i < pollHandlers.count {
-            let h = pollHandlers[i]
+            // Unretained: a handler removed meanwhile (even by its own poll callback) stays
+            // alive in retiredHandlers until the next top-level iteration.
+            let handler = Unmanaged.passUnretained(pollHandlers[i])
             i += 1
-            guard !h.deleted else { continue }
-            let ready = h.role == .contextNotifier
-                ? wake.pointee.notified.load(ordering: .relaxed) : h.callbacks.poll!()
+            let ready = handler._withUnsafeGuaranteedRef { h in
+                guard !h.deleted else { return false }
+                return h.role == .contextNotifier
+                    ? wake.pointee.notified.load(ordering: .relaxed) : h.callbacks.poll!()
+            }
             if ready {
+                let h = handler.takeUnretainedValue()
                 markPollReady(h)
                 timeout = 0
                 h.pollIdleTimeout = now + AdaptivePolling.idleIntervalNs

@@ -81,6 +81,10 @@ public final class AioContext: @unchecked Sendable {
     @exclusivity(unchecked) var readyHandlers: ContiguousArray<FdHandler> = []
     @exclusivity(unchecked) var readyHead = 0
     @exclusivity(unchecked) var pollHandlers: ContiguousArray<FdHandler> = []
+    /// Handlers removed since the last top-level iteration began, kept alive until the
+    /// next one: the busy-poll loop calls handlers through unretained references (no
+    /// reference counting per spin), and a poll callback may remove handlers, its own too.
+    @exclusivity(unchecked) var retiredHandlers: ContiguousArray<FdHandler> = []
     @exclusivity(unchecked) var pollStarted = false
     /// Handlers without a poll callback (QEMU `poll_disable_cnt`).
     @exclusivity(unchecked) var pollDisableCount = 0
@@ -408,6 +412,7 @@ public final class AioContext: @unchecked Sendable {
 
     func retire(_ h: FdHandler) {
         h.deleted = true
+        retiredHandlers.append(h)
         handlerSlots[UserData.slot(h.userData)] = nil
         freeHandlerSlots.append(UserData.slot(h.userData))
         if h.callbacks.poll == nil { pollDisableCount -= 1 }

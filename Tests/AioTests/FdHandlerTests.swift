@@ -52,6 +52,50 @@ struct FdHandlerTests {
         #expect(calls.value == 1)
     }
 
+    @Test("a poll callback may remove its own handler mid-spin; the handler lives until the next iteration",
+          arguments: backends)
+    func pollCallbackRemovesItself(_ backend: AioContext.Backend) throws {
+        let ctx = try makeContext(backend)
+        ctx.setPollParameters(PollParameters(maxNs: 200_000))
+        var notifier: EventNotifier? = try EventNotifier()
+        let fd = notifier!.fileDescriptor
+        weak let weakNotifier = notifier
+        let polls = Local(0)
+        let box = Local<EventNotifier?>(notifier)
+        ctx.setEventNotifier(notifier!, FdHandlerCallbacks(
+            read: {},
+            poll: {
+                polls.value += 1
+                // Removes its own registration (applied at once on the home thread) and drops
+                // the last outside reference: only the context keeps the handler now.
+                if let n = box.value {
+                    ctx.removeEventNotifier(n)
+                    box.value = nil
+                }
+                return false
+            },
+            pollReady: {}))
+        notifier = nil
+        ctx.poll(blocking: false)  // registered
+        weak var weakHandler: FdHandler?
+        do {
+            let h = try #require(ctx.handlersByFd[fd])
+            // Into the poll list with a window, as a handler that fired would be.
+            h.inPollList = true
+            ctx.pollHandlers.append(h)
+            h.pollNs = 100_000
+            weakHandler = h
+        }
+        let timer = ctx.makeTimer {}
+        timer.arm(after: 2_000_000)  // ends the blocking wait after the window
+        ctx.poll(blocking: true)
+        #expect(polls.value == 1, "called once, then skipped as deleted for the rest of the spin")
+        #expect(weakHandler != nil && weakNotifier != nil, "kept until the next top-level iteration")
+        ctx.poll(blocking: false)
+        #expect(weakHandler == nil && weakNotifier == nil, "freed at the start of the next one")
+        timer.cancel()
+    }
+
     @Test("removal is safe against events in flight and fd-number reuse", arguments: backends)
     func removalDropsStaleEvents(_ backend: AioContext.Backend) throws {
         let ctx = try makeContext(backend)
