@@ -90,7 +90,7 @@ public final class DeviceQueue: @unchecked Sendable {
     /// The guest's doorbell.
     public let kick: EventNotifier
     /// The guest's interrupt (nil: never signal, the guest polls).
-    public private(set) var interrupt: EventNotifier?
+    @exclusivity(unchecked) public private(set) var interrupt: EventNotifier?
     let backend: OpenBlockBackend
     let serial: [UInt8]
     let name: String
@@ -98,28 +98,31 @@ public final class DeviceQueue: @unchecked Sendable {
     /// The most pieces one request may have (Linux's UIO_MAXIOV).
     public static let maxPieces = 1024
 
-    // Home-thread state.
+    // Home-thread state. `@exclusivity(unchecked)`: only the thread the queue is attached
+    // to (or the detaching caller while detached) touches these, and never in overlapping
+    // accesses; the dynamic checks otherwise cost a TLS lookup and an access-set insert on
+    // every access, several per request.
     /// The next avail entry to take (what vhost-user's GET_VRING_BASE reports).
-    public private(set) var lastAvail: UInt16
-    var usedIdx: UInt16
-    var inFlight = 0
-    var accepting = false
-    var broken = false
+    @exclusivity(unchecked) public private(set) var lastAvail: UInt16
+    @exclusivity(unchecked) var usedIdx: UInt16
+    @exclusivity(unchecked) var inFlight = 0
+    @exclusivity(unchecked) var accepting = false
+    @exclusivity(unchecked) var broken = false
     /// Complete writes only once they are durable (virtio-blk `wce` = 0). Home thread.
-    public var writeThrough = false
-    var context: AioContext?
-    var irqBH: BottomHalf?
-    var pendingInterrupt = false
-    var slots: [Request]
-    var iovs: [UnsafeMutablePointer<iovec>]
-    var iovCapacity: [Int]
+    @exclusivity(unchecked) public var writeThrough = false
+    @exclusivity(unchecked) var context: AioContext?
+    @exclusivity(unchecked) var irqBH: BottomHalf?
+    @exclusivity(unchecked) var pendingInterrupt = false
+    @exclusivity(unchecked) var slots: [Request]
+    @exclusivity(unchecked) var iovs: [UnsafeMutablePointer<iovec>]
+    @exclusivity(unchecked) var iovCapacity: [Int]
     /// Where the backend's completions go, tagged with the request's head: one object per
     /// attach, no closure per descriptor and no reference per request.
-    var completionTarget: CompletionTarget?
-    var timers: [AioTimer] = []
-    var drained: (() -> Void)?
+    @exclusivity(unchecked) var completionTarget: CompletionTarget?
+    @exclusivity(unchecked) var timers: [AioTimer] = []
+    @exclusivity(unchecked) var drained: (() -> Void)?
     /// Why the queue broke (home thread; for diagnostics).
-    public private(set) var brokenReason: String?
+    @exclusivity(unchecked) public private(set) var brokenReason: String?
 
     /// A queue over `ring`, whose buffers live in `memory`.
     /// - Parameters:
@@ -174,15 +177,23 @@ public final class DeviceQueue: @unchecked Sendable {
             }
         }
         accepting = true
+        // `unowned(unsafe)`: the handler is removed (on this thread) in detachOnHomeThread,
+        // before the queue can go (a device is destroyed only detached), and a removed
+        // handler is never called again; checked `unowned` would cost an atomic
+        // retain/release on every poll spin.
         ctx.setEventNotifier(kick, FdHandlerCallbacks(
-            read: { [unowned self] in
+            read: { [unowned(unsafe) self] in
                 statistics._kicks.add(1, ordering: .relaxed)
                 process()
             },
-            poll: { [unowned self] in ring.availIdx != lastAvail },
-            pollReady: { [unowned self] in process() },
-            pollBegin: { [unowned self] in ring.setUsedFlags(SplitRingLayout.noNotify) },
-            pollEnd: { [unowned self] in
+            // Unmanaged: `unowned(unsafe)` still copies self to a strong reference (a
+            // retain and release) on every call, and this one runs on every poll spin.
+            poll: { [me = Unmanaged.passUnretained(self)] in
+                me._withUnsafeGuaranteedRef { $0.ring.availIdx != $0.lastAvail }
+            },
+            pollReady: { [unowned(unsafe) self] in process() },
+            pollBegin: { [unowned(unsafe) self] in ring.setUsedFlags(SplitRingLayout.noNotify) },
+            pollEnd: { [unowned(unsafe) self] in
                 ring.setUsedFlags(0)
                 // The flag before the final poll's read of avail.idx (store→load needs a real
                 // fence; pairs with the guest's fence between publishing and reading flags).
