@@ -7,7 +7,8 @@
 //
 // Usage: compare [CREF]                 (default cref/bin/cref)
 //        compare probe-idle-memory | probe-soak SECONDS   (children of the memory rows)
-//        compare probe-w2e ROUNDS | probe-w1 RUNS | probe-w4nop RUNS   (one workload alone, for profiling)
+//        compare probe-w2e ROUNDS | probe-w1 RUNS | probe-w4nop RUNS | probe-w3 QD SPIN RUNS
+//          (one workload alone, for profiling)
 // Environment: DP_BENCH_REPEATS (3), DP_BENCH_W3_MS (2000, measured window per W3/W4 run),
 // DP_BENCH_W6_MS (5000), DP_BENCH_SOAK_SECONDS (10; the figure is 60),
 // DP_BENCH_ONLY (comma-separated sections: w1,w2,w3,w4,w5,w6,alloc,memory,idle).
@@ -31,6 +32,14 @@ if args.first == "probe-w1" {  // W1 polling on alone, for profiling
 }
 if args.first == "probe-w4nop" {  // W4 NOPs alone, for profiling
     for _ in 0..<(Int(args.dropFirst().first ?? "3") ?? 3) { print(try dataplaneW4Nop(closures: getenv("CLOSURES") != nil)) }
+    exit(0)
+}
+if args.first == "probe-w3" {  // W3 alone: probe-w3 QD SPINNING(0|1) [RUNS], polling on
+    let a = Array(args.dropFirst())
+    let config = W3Config(qd: Int(a.first ?? "32") ?? 32, pollMaxNs: 32768, spinning: a.dropFirst().first == "1")
+    for _ in 0..<(Int(a.dropFirst(2).first ?? "1") ?? 1) {
+        print(try dataplaneW3(config, warmupNs: 300_000_000, durationNs: 1_500_000_000))
+    }
     exit(0)
 }
 if args.first == "probe-soak" {
