@@ -15,8 +15,11 @@ extension AioContext {
         statistics._iterations.bump()
         depth += 1
         defer { depth -= 1 }
-        // No busy-poll loop is running above a top-level iteration: retired handlers go now.
-        if depth == 1 && !retiredHandlers.isEmpty { retiredHandlers.removeAll(keepingCapacity: true) }
+        // No busy-poll or dispatch loop is running above a top-level iteration: retired
+        // handlers go now (unless one is still on the ready list, which walks unretained).
+        if depth == 1 && !retiredHandlers.isEmpty && readyHead == readyHandlers.count {
+            retiredHandlers.removeAll(keepingCapacity: true)
+        }
         applyPendingChanges()
         if pollParametersChanged.load(ordering: .acquiring) {
             pollParametersChanged.store(false, ordering: .relaxed)
@@ -42,7 +45,9 @@ extension AioContext {
             wake.pointee.notifyMe.add(2, ordering: .sequentiallyConsistent)
             if wake.pointee.notified.load(ordering: .sequentiallyConsistent) { timeout = 0 }
         }
+        var waited = false
         if timeout != 0 || monitor.needsWait {
+            waited = true
             if timeout != 0 && pollSetStarted(false) {
                 // The final poll after poll-end found work that raced with re-enabling
                 // notifications.
@@ -64,7 +69,13 @@ extension AioContext {
         }
         notifyAccept()
 
-        let blockNs: Int64 = params.maxNs != 0 ? monotonicNanoseconds() - start : 0
+        // QEMU's block_ns: entry to the end of the wait. When there was no wait, the poll
+        // window's last clock reading is that moment (it found the work), so no third
+        // clock read is spent on it.
+        var blockNs: Int64 = 0
+        if params.maxNs != 0 {
+            blockNs = (waited || lastPollEnd < start ? monotonicNanoseconds() : lastPollEnd) - start
+        }
         progress = dispatchCompletions() || progress
         progress = runBottomHalves() || progress
         progress = dispatchReadyHandlers(blockNs: blockNs, params) || progress
@@ -93,7 +104,7 @@ extension AioContext {
     func tryPollMode(_ timeout: inout Int64) -> Bool {
         guard !pollHandlers.isEmpty else { return false }
         var maxNs: Int64 = 0
-        for h in pollHandlers where h.pollNs > maxNs { maxNs = h.pollNs }
+        for i in pollHandlers.indices where pollHandlers[i].pollNs > maxNs { maxNs = pollHandlers[i].pollNs }
         maxNs = soonest(timeout, maxNs)
         guard maxNs > 0 else { return false }
         // Better than QEMU: queued SQEs (re-armed polls, new requests) go to the kernel now
@@ -107,14 +118,13 @@ extension AioContext {
     func runPollHandlers(maxNs initialMax: Int64, _ timeout: inout Int64) -> Bool {
         var progress = false
         var maxNs = initialMax
-        // One reference for the whole window, not a retain and release of the existential
-        // on every spin.
-        let monitor = self.monitor!
         let start = monotonicNanoseconds()
         var now = start
         var elapsed: Int64 = 0
         repeat {
             progress = runPollHandlersOnce(now: now, &timeout) || progress
+            // Found work: this spin's clock reading is recent enough; leave at once.
+            if timeout == 0 { break }
             now = monotonicNanoseconds()
             elapsed = now - start
             maxNs = soonest(timeout, maxNs)
@@ -124,6 +134,7 @@ extension AioContext {
                 break
             }
         } while elapsed < maxNs
+        lastPollEnd = now
         if removeIdlePollHandlers(now: now, &timeout) { progress = true }
         statistics._pollNanoseconds.bump(UInt64(max(0, elapsed)))
         if timeout == 0 { statistics._pollHits.bump() } else { statistics._pollMisses.bump() }
@@ -162,10 +173,10 @@ extension AioContext {
         var progress = false
         var i = 0
         while i < pollHandlers.count {
-            let h = pollHandlers[i]
-            if h.pollIdleTimeout == 0 {
-                h.pollIdleTimeout = now + AdaptivePolling.idleIntervalNs
-            } else if now >= h.pollIdleTimeout {
+            if pollHandlers[i].pollIdleTimeout == 0 {
+                pollHandlers[i].pollIdleTimeout = now + AdaptivePolling.idleIntervalNs
+            } else if now >= pollHandlers[i].pollIdleTimeout {
+                let h = pollHandlers[i]
                 h.pollIdleTimeout = 0
                 pollHandlers.remove(at: i)
                 h.inPollList = false
@@ -219,16 +230,21 @@ extension AioContext {
     func dispatchReadyHandlers(blockNs: Int64, _ params: PollParameters) -> Bool {
         var progress = false
         while readyHead < readyHandlers.count {
-            let h = readyHandlers[readyHead]
+            // Unretained: a handler is alive while registered, and a removed one stays in
+            // retiredHandlers until the next top-level iteration.
+            let handler = Unmanaged.passUnretained(readyHandlers[readyHead])
             readyHead += 1
-            progress = dispatch(h) || progress
-            if params.maxNs != 0 && h.inPollList && !h.deleted {
-                let window = AdaptivePolling.adjust(current: h.pollNs, blockNs: blockNs, params)
-                if window != h.pollNs {
-                    h.pollNs = window
-                    statistics.publishPollWindow(fd: h.fd, ns: window)
+            progress = handler._withUnsafeGuaranteedRef { h in
+                let ran = dispatch(h)
+                if params.maxNs != 0 && h.inPollList && !h.deleted {
+                    let window = AdaptivePolling.adjust(current: h.pollNs, blockNs: blockNs, params)
+                    if window != h.pollNs {
+                        h.pollNs = window
+                        statistics.publishPollWindow(fd: h.fd, ns: window)
+                    }
                 }
-            }
+                return ran
+            } || progress
         }
         if readyHead == readyHandlers.count && readyHead > 0 {
             readyHandlers.removeAll(keepingCapacity: true)

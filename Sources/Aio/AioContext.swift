@@ -67,7 +67,9 @@ public final class AioContext: @unchecked Sendable {
     // thread touches these, and never in overlapping accesses (callbacks run after the loop
     // has finished with them); the dynamic checks a class's `var`s get otherwise cost ~45%
     // of an idle loop iteration in perf (swift_beginAccess, AccessSet, a TLS lookup each).
-    @exclusivity(unchecked) var monitor: FDMonitor!
+    /// A `let`, set once in init: calls through it take no reference (a stored `var` would
+    /// be retained and released around every call, several times per iteration).
+    let monitor: FDMonitor
     /// The same monitor when it is io_uring's, unretained (``monitor`` owns it): a call
     /// through it is direct and takes no reference, where a call through the stored
     /// existential retains and releases it around a witness-table call, on every request.
@@ -92,6 +94,8 @@ public final class AioContext: @unchecked Sendable {
     /// Completion I/O bookkeeping, behind a pointer (see ``RequestTable``).
     let requests: UnsafeMutablePointer<RequestTable>
     @exclusivity(unchecked) var depth = 0
+    /// The clock when the last busy-poll window ended (its last reading).
+    @exclusivity(unchecked) var lastPollEnd: Int64 = 0
 
     // Cross-thread state.
     /// The words every wake-up moves between threads, on a cache line of their own (see
@@ -154,12 +158,6 @@ public final class AioContext: @unchecked Sendable {
     public init(backend: Backend = .automatic) throws(AioError) {
         homeThread = pthread_self()
         notifier = try EventNotifier()
-        // After the last throw that precedes full initialisation: from here on a failure
-        // runs deinit, which frees it.
-        requests = .allocate(capacity: 1)
-        requests.initialize(to: RequestTable())
-        wake = UnsafeMutableRawPointer.allocate(byteCount: 128, alignment: 64).bindMemory(to: WakeWords.self, capacity: 1)
-        wake.initialize(to: WakeWords())
         var choice = backend
         if choice == .automatic, let env = getenv("DATAPLANE_FDMON"), String(cString: env) == "epoll" {
             choice = .epoll
@@ -168,7 +166,7 @@ public final class AioContext: @unchecked Sendable {
         var monitor: FDMonitor? = nil
         if choice != .epoll {
             do {
-                monitor = try IOUringMonitor(context: self)
+                monitor = try IOUringMonitor()
             } catch {
                 let why = UringProbe.explain(errno: error.errno)
                 if choice == .ioUring {
@@ -179,8 +177,14 @@ public final class AioContext: @unchecked Sendable {
         } else {
             reason = backend == .epoll ? "epoll requested" : "DATAPLANE_FDMON=epoll"
         }
-        if monitor == nil { monitor = try EpollMonitor(context: self) }
-        self.monitor = monitor
+        if monitor == nil { monitor = try EpollMonitor() }
+        self.monitor = monitor!
+        // After the last throw: from here on deinit runs, and frees these.
+        requests = .allocate(capacity: 1)
+        requests.initialize(to: RequestTable())
+        wake = UnsafeMutableRawPointer.allocate(byteCount: 128, alignment: 64).bindMemory(to: WakeWords.self, capacity: 1)
+        wake.initialize(to: WakeWords())
+        self.monitor.bind(to: self)
         if let m = monitor as? IOUringMonitor { uring = Unmanaged.passUnretained(m) }
         self.fallbackReason = reason
         // The context's own notifier: its read clears the eventfd, its poll reads `notified`;

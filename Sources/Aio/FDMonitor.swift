@@ -9,6 +9,9 @@ public enum FDMonitorKind: String, Sendable, CustomStringConvertible {
 /// other threads are queued by the context and applied on its home thread.
 protocol FDMonitor: AnyObject {
     var kind: FDMonitorKind { get }
+    /// Gives the monitor its context, once, as the context's init ends (the context holds
+    /// the monitor in a `let`, so the monitor exists before the context does).
+    func bind(to context: AioContext)
     /// Starts watching `handler.fd` for `handler.events`; results carry `handler.userData`.
     func register(_ handler: FdHandler)
     /// Stops watching. Events already in flight for it are dropped by their generation.

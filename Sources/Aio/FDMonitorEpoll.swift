@@ -14,18 +14,20 @@ import Glibc
 
 final class EpollMonitor: FDMonitor {
     let epfd: Int32
-    unowned(unsafe) let context: AioContext
+    /// Set by `bind(to:)` right after the context is initialised, before any other use.
+    unowned(unsafe) var context: AioContext!
     @exclusivity(unchecked) var events: UnsafeMutablePointer<epoll_event>
     let maxEvents: Int32 = 128
     @exclusivity(unchecked) var hasPwait2 = true
     /// Started on the first read, write or fsync.
     @exclusivity(unchecked) var pool: WorkerPool?
 
-    init(context: AioContext) throws(AioError) {
+    func bind(to context: AioContext) { self.context = context }
+
+    init() throws(AioError) {
         let fd = epoll_create1(Int32(EPOLL_CLOEXEC))
         guard fd >= 0 else { throw AioError.syscall("epoll_create1", errno: errno) }
         self.epfd = fd
-        self.context = context
         self.events = .allocate(capacity: Int(maxEvents))
     }
 
@@ -105,7 +107,7 @@ final class EpollMonitor: FDMonitor {
         case .nop:
             context.requestCompleted(userData: userData, result: 0)
         case .timeout(let ns):
-            let ctx = context
+            let ctx = context!
             // A one-shot timer completes it with -ETIME, as the ring's timeout does. The
             // armed timer is kept alive by the context's timer heap until it fires.
             ctx.makeTimer { [unowned(unsafe) ctx] in
@@ -114,7 +116,7 @@ final class EpollMonitor: FDMonitor {
         case .read, .write, .readv, .writev, .fsync, .fallocate:
             if pool == nil {
                 guard let p = try? WorkerPool() else { return false }
-                let ctx = context
+                let ctx = context!
                 // The handler holds the pool (not the other way round): no cycle.
                 ctx.setEventNotifier(p.notifier, FdHandlerCallbacks(read: { [p, unowned(unsafe) ctx] in
                     for (userData, result) in p.takeResults() { ctx.requestCompleted(userData: userData, result: result) }

@@ -20,7 +20,8 @@ import Uring
 final class IOUringMonitor: FDMonitor {
     // `@exclusivity(unchecked)` on the state below: home thread only, as AioContext's.
     @exclusivity(unchecked) var ring: Ring
-    unowned(unsafe) let context: AioContext
+    /// Set by `bind(to:)` right after the context is initialised, before any other use.
+    unowned(unsafe) var context: AioContext!
     @exclusivity(unchecked) var multishotSupported = true
     /// Handlers whose POLL_ADD could not be queued (SQ full) or must be re-armed after a
     /// reap (the ring may not be used while reaping).
@@ -31,8 +32,9 @@ final class IOUringMonitor: FDMonitor {
     @exclusivity(unchecked) var backlog: ContiguousArray<(request: IORequest, userData: UInt64)> = []
     @exclusivity(unchecked) var backlogStart = 0
 
-    init(context: AioContext) throws(UringError) {
-        self.context = context
+    func bind(to context: AioContext) { self.context = context }
+
+    init() throws(UringError) {
         self.ring = try Ring(entries: 256, singleIssuer: true)
     }
 
@@ -151,7 +153,7 @@ final class IOUringMonitor: FDMonitor {
     }
 
     func reap() {
-        let ctx = context
+        let ctx = context!
         ring.reap { c in
             switch UserData.kind(c.userData) {
             case UserData.fdHandler:
