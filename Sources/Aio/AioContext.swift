@@ -90,7 +90,7 @@ public final class AioContext: @unchecked Sendable {
     @exclusivity(unchecked) var pollStarted = false
     /// Handlers without a poll callback (QEMU `poll_disable_cnt`).
     @exclusivity(unchecked) var pollDisableCount = 0
-    @exclusivity(unchecked) var bhSlices: [Unmanaged<BottomHalf>?] = []
+    @exclusivity(unchecked) var bhSlices = RawArray<Unmanaged<BottomHalf>?>(capacity: 4)
     /// Completion I/O bookkeeping, behind a pointer (see ``RequestTable``).
     let requests: UnsafeMutablePointer<RequestTable>
     @exclusivity(unchecked) var depth = 0
@@ -233,7 +233,7 @@ public final class AioContext: @unchecked Sendable {
             }
         }
         dropOwned(wake.pointee.bhList.exchange(nil, ordering: .acquiring))
-        for slice in bhSlices { dropOwned(slice) }
+        for i in 0..<bhSlices.count { dropOwned(bhSlices[i]) }
     }
 
     /// Every descriptor the context owns: its eventfd and the backend's (ring or epoll

@@ -225,7 +225,7 @@ extension AioContext {
         // Nodes on the shared list are only ever unlinked by this (the home) thread, so
         // walking from an acquired head is safe while other threads push.
         if scan(wake.pointee.bhList.load(ordering: .acquiring)) { return 0 }
-        for slice in bhSlices where scan(slice) { return 0 }
+        for i in 0..<bhSlices.count where scan(bhSlices[i]) { return 0 }
         return timeout
     }
 }

@@ -43,6 +43,14 @@ struct RawArray<Element>: ~Copyable {
         return (base + count).move()
     }
 
+    /// Removes the first element (the rest move down: meant for a handful of elements).
+    mutating func removeFirst() {
+        precondition(count > 0, "RawArray.removeFirst on an empty array")
+        base.deinitialize(count: 1)
+        (base).moveInitialize(from: base + 1, count: count - 1)
+        count -= 1
+    }
+
     /// Removes every element and keeps the memory.
     mutating func removeAll() {
         base.deinitialize(count: count)
