@@ -164,18 +164,53 @@ public final class DeviceQueue: @unchecked Sendable {
 
     // MARK: - Attach / detach (on the IOThread)
 
-    /// Registers the kick handler on `ctx` and processes the queue once. Home thread of `ctx`.
-    public func attachOnHomeThread(_ ctx: AioContext) {
-        context = ctx
-        irqBH = ctx.makeBottomHalf(name: "\(name)-q\(index)-irq") { [unowned self] in flushInterrupt() }
-        completionTarget = ctx.makeCompletionTarget { [unowned self] tag, result in
-            backendCompleted(head: Int(tag), result: result)
-        }
+    /// What an attach to a context allocates, made on any thread ahead of time: a move makes
+    /// it before the queue stops, so that the pause holds no allocation.
+    public struct AttachPreparation: @unchecked Sendable {  // handed to the home thread once
+        let context: AioContext
+        let irqBH: BottomHalf
+        let completionTarget: CompletionTarget
+        let timers: [AioTimer]
+    }
+
+    /// Makes what attaching to `ctx` needs. Any thread; pass the result to
+    /// ``attachOnHomeThread(_:)-(AttachPreparation)`` on `ctx`'s home thread.
+    public func prepareAttach(_ ctx: AioContext) -> AttachPreparation {
+        var timers: [AioTimer] = []
         if case .delay = backend.backend {
             timers = (0..<ring.layout.size).map { head in
                 ctx.makeTimer { [unowned self] in backendCompleted(head: head, result: 0) }
             }
         }
+        return AttachPreparation(
+            context: ctx,
+            irqBH: ctx.makeBottomHalf(name: "\(name)-q\(index)-irq") { [unowned self] in flushInterrupt() },
+            completionTarget: ctx.makeCompletionTarget { [unowned self] tag, result in
+                backendCompleted(head: Int(tag), result: result)
+            },
+            timers: timers)
+    }
+
+    /// Registers the kick handler on `ctx` and processes the queue once. Home thread of `ctx`.
+    public func attachOnHomeThread(_ ctx: AioContext) {
+        attachOnHomeThread(prepareAttach(ctx))
+    }
+
+    /// Registers the kick handler on the prepared context and processes the queue once.
+    /// Home thread of that context.
+    public func attachOnHomeThread(_ prepared: AttachPreparation) {
+        register(prepared)
+        process()  // a request may have been queued (and kicked) before the handler existed
+    }
+
+    /// The attach without its first pass over the queue: from here on the IOThread takes
+    /// the queue's requests (a move's pause ends here).
+    func register(_ prepared: AttachPreparation) {
+        let ctx = prepared.context
+        context = ctx
+        irqBH = prepared.irqBH
+        completionTarget = prepared.completionTarget
+        timers = prepared.timers
         accepting = true
         // `unowned(unsafe)`: the handler is removed (on this thread) in detachOnHomeThread,
         // before the queue can go (a device is destroyed only detached), and a removed
@@ -201,7 +236,6 @@ public final class DeviceQueue: @unchecked Sendable {
             }))
         ring.setUsedFlags(0)  // kicks on
         fullFence()
-        process()  // a request may have been queued (and kicked) before the handler existed
     }
 
     /// Stops taking requests; calls `done` on this thread once every request already taken
@@ -220,15 +254,18 @@ public final class DeviceQueue: @unchecked Sendable {
 
     func finishDetach() {
         flushInterrupt()  // the last completions' interrupt goes out before we let go
-        irqBH?.delete()
+        let oldBH = irqBH, oldTimers = timers
         irqBH = nil
-        for t in timers { t.cancel() }
         timers = []
         completionTarget = nil
         context = nil
         let done = drained
         drained = nil
-        done?()
+        done?()  // a move schedules the attach on the next IOThread here
+        // What the next owner does not need is let go after the hand-off, to keep a move's
+        // pause short. Only locals from here on: the queue may be gone once `done` ran.
+        oldBH?.delete()
+        for t in oldTimers { t.cancel() }
     }
 
     // MARK: - Requests

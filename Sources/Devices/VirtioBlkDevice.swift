@@ -205,12 +205,14 @@ public final class VirtioBlkDevice: @unchecked Sendable {
             let remaining = Atomic<Int>(queues.count)
             for (k, q) in queues.enumerated() {
                 let from = old[k].context!, to = mapping[k].context!
+                let prepared = q.prepareAttach(to)  // allocations before the pause, not in it
                 from.scheduleOneShot(name: "move") {
                     let stopped = monotonicNanoseconds()
                     q.detachOnHomeThread {
                         to.scheduleOneShot(name: "move") {
-                            q.attachOnHomeThread(to)
+                            q.register(prepared)
                             let pause = monotonicNanoseconds() - stopped
+                            q.process()  // the requests queued during the pause
                             pauses.withLock { $0.append(pause) }
                             // Acquire-release: the last queue's resume sees every pause.
                             if remaining.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 { done.resume() }
