@@ -7,7 +7,7 @@
 //
 // Usage: compare [CREF]                 (default cref/bin/cref)
 //        compare probe-idle-memory | probe-soak SECONDS   (children of the memory rows)
-//        compare probe-w2e ROUNDS | probe-w1 RUNS | probe-w4nop RUNS | probe-w3 QD SPIN RUNS
+//        compare probe-w2e ROUNDS | probe-w1 RUNS | probe-w4nop RUNS | probe-w3 QD SPIN RUNS | probe-w6
 //          (one workload alone, for profiling)
 // Environment: DP_BENCH_REPEATS (3), DP_BENCH_W3_MS (2000, measured window per W3/W4 run),
 // DP_BENCH_W6_MS (5000), DP_BENCH_SOAK_SECONDS (10; the issue's figure is 60),
@@ -40,6 +40,11 @@ if args.first == "probe-w3" {  // W3 alone: probe-w3 QD SPINNING(0|1) [RUNS], po
     for _ in 0..<(Int(a.dropFirst(2).first ?? "1") ?? 1) {
         print(try dataplaneW3(config, warmupNs: 300_000_000, durationNs: 1_500_000_000))
     }
+    exit(0)
+}
+if args.first == "probe-w6" {  // W6 alone (3 s): pause p50 and p99 in ns
+    let r = try dataplaneW6(durationNs: 3_000_000_000)
+    print("moves_per_second=\(Int(r["moves_per_second"]!)) pause_p50=\(Int(r["pause_p50"]!)) pause_p99=\(Int(r["pause_p99"]!))")
     exit(0)
 }
 if args.first == "probe-soak" {
