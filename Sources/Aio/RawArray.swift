@@ -43,6 +43,16 @@ struct RawArray<Element>: ~Copyable {
         return (base + count).move()
     }
 
+    /// Exchanges two elements with bitwise moves (no reference counting).
+    mutating func swapAt(_ i: Int, _ j: Int) {
+        precondition(UInt(bitPattern: i) < UInt(bitPattern: count) && UInt(bitPattern: j) < UInt(bitPattern: count),
+                     "RawArray index out of range")
+        guard i != j else { return }
+        let t = (base + i).move()
+        (base + i).moveInitialize(from: base + j, count: 1)
+        (base + j).initialize(to: t)
+    }
+
     /// Removes the first element (the rest move down: meant for a handful of elements).
     mutating func removeFirst() {
         precondition(count > 0, "RawArray.removeFirst on an empty array")

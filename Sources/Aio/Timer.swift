@@ -11,17 +11,17 @@ import Synchronization
 /// A one-shot timer on a context. Arm it with ``arm(at:)`` or ``arm(after:)`` (re-arm from
 /// the callback for periodic behaviour); the callback runs on the home thread.
 ///
-/// `@unchecked Sendable`: `deadline`, `sequence` and `heapIndex` are read and written only
+/// `@unchecked Sendable`: `deadline` and `heapIndex` are read and written only
 /// with the owning context's timer mutex held; everything else is immutable.
 public final class AioTimer: @unchecked Sendable {
     public let clock: AioClock
     let callback: @Sendable () -> Void
     /// Not retained, for the reason given on `BottomHalf.unmanagedContext`.
     let unmanagedContext: Unmanaged<AioContext>
-    // Guarded by context.timerHeaps.
-    var deadline: Int64 = -1
-    var sequence: UInt64 = 0
-    var heapIndex: Int = -1
+    // Guarded by context.timerHeaps. `@exclusivity(unchecked)`: the mutex already makes the
+    // accesses exclusive, and the dynamic checks (a TLS lookup each) cost more than the heap.
+    @exclusivity(unchecked) var deadline: Int64 = -1
+    @exclusivity(unchecked) var heapIndex: Int = -1
 
     init(context: AioContext, clock: AioClock, callback: @escaping @Sendable () -> Void) {
         self.unmanagedContext = Unmanaged.passUnretained(context)
@@ -53,34 +53,50 @@ public final class AioTimer: @unchecked Sendable {
 }
 
 /// A binary min-heap of timers keyed by (deadline, sequence), tracking each timer's index.
+///
+/// The keys live in the heap's own entries, so a sift compares contiguous memory instead of
+/// following a pointer into each timer; entries move with bitwise moves (no reference
+/// counting). An entry holds its timer strongly: an armed timer lives until it fires or is
+/// cancelled.
 struct TimerHeap: ~Copyable {
-    var items: [AioTimer] = []
+    struct Entry {
+        var deadline: Int64
+        var sequence: UInt64
+        let timer: AioTimer
+    }
+    var items = RawArray<Entry>(capacity: 16)
     var nextSequence: UInt64 = 0
 
-    var first: AioTimer? { items.first }
+    var first: AioTimer? { items.isEmpty ? nil : items[0].timer }
+    /// The earliest deadline, or nil when empty.
+    var firstDeadline: Int64? { items.isEmpty ? nil : items[0].deadline }
 
     @inline(__always)
-    static func less(_ a: AioTimer, _ b: AioTimer) -> Bool {
-        a.deadline < b.deadline || (a.deadline == b.deadline && a.sequence < b.sequence)
+    func less(_ i: Int, _ j: Int) -> Bool {
+        let a = items[i].deadline, b = items[j].deadline
+        return a < b || (a == b && items[i].sequence < items[j].sequence)
+    }
+
+    @inline(__always)
+    mutating func swapEntries(_ i: Int, _ j: Int) {
+        items.swapAt(i, j)
+        items[i].timer.heapIndex = i
+        items[j].timer.heapIndex = j
     }
 
     mutating func insert(_ t: AioTimer) {
         nextSequence &+= 1
-        t.sequence = nextSequence
         t.heapIndex = items.count
-        items.append(t)
+        items.append(Entry(deadline: t.deadline, sequence: nextSequence, timer: t))
         siftUp(items.count - 1)
     }
 
     mutating func remove(_ t: AioTimer) {
         let i = t.heapIndex
-        precondition(i >= 0 && i < items.count && items[i] === t, "BUG DETECTED: timer heap corrupted")
+        precondition(i >= 0 && i < items.count && items[i].timer === t, "BUG DETECTED: timer heap corrupted")
         let last = items.count - 1
-        if i != last {
-            items.swapAt(i, last)
-            items[i].heapIndex = i
-        }
-        items.removeLast()
+        if i != last { swapEntries(i, last) }
+        _ = items.removeLast()
         t.heapIndex = -1
         if i < items.count {
             siftDown(i)
@@ -92,10 +108,8 @@ struct TimerHeap: ~Copyable {
         var i = start
         while i > 0 {
             let parent = (i - 1) / 2
-            guard TimerHeap.less(items[i], items[parent]) else { break }
-            items.swapAt(i, parent)
-            items[i].heapIndex = i
-            items[parent].heapIndex = parent
+            guard less(i, parent) else { break }
+            swapEntries(i, parent)
             i = parent
         }
     }
@@ -106,12 +120,10 @@ struct TimerHeap: ~Copyable {
         while true {
             let l = 2 * i + 1, r = l + 1
             var m = i
-            if l < n && TimerHeap.less(items[l], items[m]) { m = l }
-            if r < n && TimerHeap.less(items[r], items[m]) { m = r }
+            if l < n && less(l, m) { m = l }
+            if r < n && less(r, m) { m = r }
             if m == i { return }
-            items.swapAt(i, m)
-            items[i].heapIndex = i
-            items[m].heapIndex = m
+            swapEntries(i, m)
             i = m
         }
     }
@@ -157,8 +169,8 @@ extension AioContext {
     /// thread that armed an earlier timer then notifies, and the loop's acquire of
     /// `notified` makes this store visible to its next look.
     func publishEarliest(_ heaps: borrowing TimerHeaps) {
-        earliestMonotonic.store(heaps.monotonic.first?.deadline ?? .max, ordering: .releasing)
-        earliestRealtime.store(heaps.realtime.first?.deadline ?? .max, ordering: .releasing)
+        earliestMonotonic.store(heaps.monotonic.firstDeadline ?? .max, ordering: .releasing)
+        earliestRealtime.store(heaps.realtime.firstDeadline ?? .max, ordering: .releasing)
     }
 
     /// ns until the earliest timer (0 if one has expired), or -1 if none is armed.
@@ -185,7 +197,7 @@ extension AioContext {
             while true {
                 let due: AioTimer? = timerHeaps.withLock { h in
                     func pop(_ heap: inout TimerHeap) -> AioTimer? {
-                        guard let t = heap.first, t.deadline <= now else { return nil }
+                        guard let d = heap.firstDeadline, d <= now, let t = heap.first else { return nil }
                         heap.remove(t)
                         return t
                     }

@@ -105,6 +105,10 @@ struct CompletionTargetTests {
             a[0] = Item(-1)
             let n0 = a[0].n
             #expect(first == nil && n0 == -1)
+            a.swapAt(0, 42)
+            a.swapAt(5, 5)
+            let swapped = (a[0].n, a[42].n, a[5].n)
+            #expect(swapped == (42, -1, 5))
             a.removeAll()
             let empty = a.isEmpty
             #expect(empty)
