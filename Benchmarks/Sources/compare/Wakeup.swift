@@ -67,6 +67,52 @@ func dataplaneW2OneShot() throws -> [String: Double] {
     return ["per_second": Double(n) * 1e9 / Double(dt), "mallocs_per_op": Double(mallocs) / Double(m)]
 }
 
+/// The floor under any one-shot closure API (W2's one-shot row, and NIO's `execute`): the
+/// cheapest hand-off of a closure there is, a preallocated single-producer ring with no
+/// allocation and no lock. What is left is the closure itself: it captures shared state
+/// (here `ran`, as W2's does), so the scheduling thread retains that and the running thread
+/// releases it, one contended cache line per closure.
+func closureHandOffFloor() -> [String: Double] {
+    final class Ring: @unchecked Sendable {  // slot i is written before `tail` passes it, read after
+        let size = 4096
+        let slots: UnsafeMutablePointer<(() -> Void)?>
+        let head = Atomic<Int>(0), tail = Atomic<Int>(0)
+        init() {
+            slots = .allocate(capacity: size)
+            slots.initialize(repeating: nil, count: size)
+        }
+        deinit {
+            slots.deinitialize(count: size)
+            slots.deallocate()
+        }
+    }
+    let ring = Ring()
+    let ran = Counter()
+    let n = 2_000_000
+    let consumer = PThread {
+        var k = 0
+        while k < n {
+            let t = ring.tail.load(ordering: .acquiring)
+            while k < t {
+                let f = ring.slots[k & (ring.size - 1)].take()
+                f?()
+                k += 1
+            }
+            ring.head.store(k, ordering: .releasing)
+        }
+    }
+    let t0 = monotonicNanoseconds()
+    for i in 0..<n {
+        while i - ring.head.load(ordering: .acquiring) >= ring.size {}
+        ring.slots[i & (ring.size - 1)] = { ran.value.add(1, ordering: .relaxed) }
+        ring.tail.store(i + 1, ordering: .releasing)
+    }
+    consumer.join()
+    let dt = monotonicNanoseconds() - t0
+    precondition(ran.value.load(ordering: .relaxed) == n)
+    return ["per_second": Double(n) * 1e9 / Double(dt)]
+}
+
 /// W2 with existing BHs: 2M BHs made beforehand (the C loop's preallocated nodes), each
 /// scheduled once per round by one producer; the IOThread runs them. Rounds reuse them.
 ///

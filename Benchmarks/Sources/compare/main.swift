@@ -121,9 +121,10 @@ if enabled("iter") {
 
 // MARK: W2 bh-throughput
 if enabled("w2") {
-    var oneShot = Runs(), existing = Runs(), existingArray = Runs(), c = Runs(), nio = Runs()
+    var oneShot = Runs(), existing = Runs(), existingArray = Runs(), c = Runs(), nio = Runs(), floor = Runs()
     let pool = try ExistingBHs()
     for _ in 0..<repeats {
+        floor.append(closureHandOffFloor())
         existing.append(pool.round())
         existingArray.append(pool.round(unmanaged: false))
         oneShot.append(try dataplaneW2OneShot())
@@ -139,6 +140,7 @@ if enabled("w2") {
               goal: "≥10× NIO execute", met: ns.map { o!.median >= 10 * $0.median })
     existingBHMallocs = ((existing.runs + existingArray.runs).reduce(0) { $0 + $1["mallocs"]! },
                          (existing.runs + existingArray.runs).reduce(0) { $0 + $1["ops"]! })
+    table.add("  floor: closures through a preallocated ring, no BH", .rate, dp: floor.stat("per_second"), nio: ns)
     table.add("W2 allocations per one-shot BH / execute", .count, dp: oneShot.stat("mallocs_per_op"),
               nio: nio.stat("mallocs_per_op"), ratios: false)
 }
