@@ -1,83 +1,16 @@
 // W3 virtqueue and W6 churn on Dataplane: a null virtio-blk-like device attached to an
-// IOThread, and a guest thread per queue that keeps QD requests outstanding through the
-// same GuestQueue code, and the same loop, as `dataplane load` (LoadGen's GuestWorker,
-// closed loop): submit up to QD, one kick unless suppressed, reap, then either spin or wait
-// on the interrupt eventfd.
+// IOThread, and a guest thread per queue that keeps QD requests outstanding: LoadGen's
+// GuestWorker, the one `dataplane load` runs (closed loop, live reporting off): submit up
+// to QD, one kick unless suppressed, reap, then either spin or wait on the interrupt
+// eventfd.
 import Aio
 import CBenchSupport
 import Devices
 import Glibc
 import Histogram
 import IOThreads
+import LoadGen
 import Synchronization
-
-/// `@unchecked Sendable`: the guest fields are touched by the guest thread only and read by
-/// the runner after `join`; the flags are atomics.
-final class Guest: @unchecked Sendable {
-    let queue: GuestQueue
-    let depth: Int
-    let spinning: Bool
-    var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
-    var issueTime: [Int64]
-    var submitted: UInt64 = 0
-    var completed: UInt64 = 0
-    var measured: UInt64 = 0
-    var drained = true
-    let measuring = Atomic<Bool>(false)
-    let stop = Atomic<Bool>(false)
-    var thread: PThread?
-
-    init(queue: GuestQueue, depth: Int, spinning: Bool) {
-        self.queue = queue
-        self.depth = depth
-        self.spinning = spinning
-        issueTime = [Int64](repeating: 0, count: queue.capacity)
-        queue.setInterruptsSuppressed(spinning)
-    }
-
-    func start() { thread = PThread { [self] in run() } }
-
-    func requestStopAndJoin() {
-        stop.store(true, ordering: .releasing)
-        thread?.join()
-    }
-
-    func run() {
-        var id: UInt64 = 0
-        var stopAt: Int64 = .max
-        while true {
-            let stopping = stop.load(ordering: .acquiring)
-            let now = monotonicNanoseconds()
-            if stopping && stopAt == .max { stopAt = now }
-            if !stopping {
-                var submittedNow = false
-                while queue.inFlight < depth {
-                    guard let slot = queue.submit(id: id, kickNow: false) else { break }
-                    issueTime[slot] = now
-                    id &+= 1
-                    submitted &+= 1
-                    submittedNow = true
-                }
-                if submittedNow { queue.kickIfAllowed() }
-            }
-            let recording = measuring.load(ordering: .relaxed)
-            let done = monotonicNanoseconds()
-            let n = queue.reap { _, _, _, slot in
-                if recording {
-                    _ = histogram.record(UInt64(max(1, done - issueTime[slot])))
-                    measured &+= 1
-                }
-            }
-            completed &+= UInt64(n)
-            if stopping && queue.inFlight == 0 { break }
-            if stopping && done - stopAt > 10_000_000_000 {
-                drained = false  // the device stopped answering: reported as lost
-                break
-            }
-            if n == 0 && !spinning { queue.waitForInterrupt(timeoutMs: 10) }
-        }
-    }
-}
 
 struct W3Config {
     var qd: Int
@@ -97,7 +30,7 @@ func dataplaneW3(_ c: W3Config, warmupNs: Int64, durationNs: Int64, countMallocs
     defer { thread.stop() }
     let dev = try VirtioBlkDevice(id: "disk0", queues: 1, queueSize: 256, backend: .null)
     try blockOn { try await dev.attach(to: thread) }
-    let guest = Guest(queue: try GuestQueue(device: dev, queue: 0), depth: c.qd, spinning: c.spinning)
+    let guest = GuestWorker(guest: try GuestQueue(device: dev, queue: 0), depth: c.qd, spinning: c.spinning, live: false)
     guest.start()
     sleepNanoseconds(warmupNs)
     let s = dev.statistics(queue: 0)
@@ -126,11 +59,12 @@ func dataplaneW3(_ c: W3Config, warmupNs: Int64, durationNs: Int64, countMallocs
     let cpu1 = thread.cpuTimeNanoseconds
     let it1 = st.iterations, ph1 = st.pollHits, pm1 = st.pollMisses, bw1 = st.blockingWaits, en1 = st.ringEnters
     let windows = st.pollWindows
-    guest.requestStopAndJoin()
+    guest.requestStop()
+    guest.join()
     try blockOn { try await dev.detach() }
     let done = Double(c1 - c0)
     var r: [String: Double] = [
-        "iops": Double(guest.measured) * 1e9 / Double(elapsed),
+        "iops": Double(guest.measuredCompletions) * 1e9 / Double(elapsed),
         "p50": Double(guest.histogram.valueAtPercentile(50)),
         "p99": Double(guest.histogram.valueAtPercentile(99)),
         "p999": Double(guest.histogram.valueAtPercentile(99.9)),
@@ -138,7 +72,7 @@ func dataplaneW3(_ c: W3Config, warmupNs: Int64, durationNs: Int64, countMallocs
         "irqs_per_req": Double(i1 - i0) / done,
         "cpu_ns_per_req": Double(cpu1 - cpu0) / done,
         "lost": Double(guest.submitted - guest.completed),
-        "unexpected": Double(guest.queue.unexpectedCompletions),
+        "unexpected": Double(guest.guest.unexpectedCompletions),
     ]
     r["iterations_per_req"] = Double(it1 - it0) / done
     r["poll_hits_per_req"] = Double(ph1 - ph0) / done
@@ -156,13 +90,13 @@ func dataplaneW6(durationNs: Int64) throws -> [String: Double] {
     let threads = [try IOThread(id: "churn0"), try IOThread(id: "churn1")]
     defer { for t in threads { t.stop() } }
     var devices: [VirtioBlkDevice] = []
-    var guests: [Guest] = []
+    var guests: [GuestWorker] = []
     for d in 0..<4 {
         let dev = try VirtioBlkDevice(id: "disk\(d)", queues: 1, queueSize: 256, backend: .null)
         let t = threads[d % 2]
         try blockOn { try await dev.attach(to: t) }
         devices.append(dev)
-        guests.append(Guest(queue: try GuestQueue(device: dev, queue: 0), depth: 32, spinning: false))
+        guests.append(GuestWorker(guest: try GuestQueue(device: dev, queue: 0), depth: 32, spinning: false, live: false))
     }
     for g in guests { g.start() }
     sleepNanoseconds(300_000_000)
@@ -179,13 +113,14 @@ func dataplaneW6(durationNs: Int64) throws -> [String: Double] {
         return pauses
     }
     let holders = threads.reduce(0) { $0 + $1.holders.count }
-    for g in guests { g.requestStopAndJoin() }
+    for g in guests { g.requestStop() }
+    for g in guests { g.join() }
     for dev in devices { try blockOn { try await dev.detach() } }
     let holdersAfter = threads.reduce(0) { $0 + $1.holders.count }
     var lost: UInt64 = 0, dup: UInt64 = 0, completed: UInt64 = 0
     for g in guests {
         lost += g.submitted - g.completed
-        dup += g.queue.unexpectedCompletions
+        dup += g.guest.unexpectedCompletions
         completed += g.completed
     }
     let p = pauses.sorted()
