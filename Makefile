@@ -38,7 +38,7 @@ bench: deps
 
 # package-benchmark: allocations per operation checked against Benchmarks/Thresholds
 # (0 for an existing BH, a ring nop, the W1 round trip, a W3 request and an executor job;
-# 2 for a one-shot BH).
+# 1 for a one-shot BH, its node).
 bench-gate: deps
 	cd Benchmarks && swift package benchmark thresholds check --metric mallocCountTotal
 
