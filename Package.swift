@@ -49,10 +49,15 @@ let package = Package(
         ),
         .testTarget(name: "UringTests", dependencies: ["Uring", "CShims"], swiftSettings: strict),
         .testTarget(name: "AioTests", dependencies: ["Aio", "Uring", "CShims"], swiftSettings: strict),
-        .testTarget(name: "IOThreadsTests", dependencies: ["IOThreads", "Aio"], swiftSettings: strict),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "IOThreads", "Aio", "CShims"], swiftSettings: strict),
+        // Helpers several test targets share (not a product).
+        .target(name: "TestSupport", dependencies: ["Devices", "IOThreads", "Aio"], path: "Tests/TestSupport",
+                swiftSettings: strict),
+        .testTarget(name: "IOThreadsTests", dependencies: ["IOThreads", "Aio", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "IOThreads", "Aio", "CShims", "TestSupport"],
+                    swiftSettings: strict),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "VhostUser", "Aio", "IOThreads", "CShims"], swiftSettings: strict),
-        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Devices", "IOThreads", "Aio", "CShims"], swiftSettings: strict),
+        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Devices", "IOThreads", "Aio", "CShims", "TestSupport"],
+                    swiftSettings: strict),
         .testTarget(name: "LoadGenTests", dependencies: ["LoadGen", "Devices", "Aio"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]

@@ -2,6 +2,7 @@ import Aio
 import Glibc
 import IOThreads
 import Synchronization
+import TestSupport
 import Testing
 
 @testable import Devices

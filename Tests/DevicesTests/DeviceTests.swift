@@ -2,31 +2,10 @@ import Aio
 import Glibc
 import IOThreads
 import Synchronization
+import TestSupport
 import Testing
 
 @testable import Devices
-
-let backendsUnderTest: [AioContext.Backend] = {
-    if let v = getenv("DATAPLANE_FDMON"), String(cString: v) == "epoll" { return [.epoll] }
-    return [.automatic, .epoll]
-}()
-
-/// Polls the guest side until `n` completions arrived (or 10 s passed).
-func reap(_ guest: GuestQueue, count n: Int, into body: (UInt64, UInt8, UInt32, Int) -> Void) -> Int {
-    var got = 0
-    let deadline = monotonicNanoseconds() + 10_000_000_000
-    while got < n && monotonicNanoseconds() < deadline {
-        got += guest.reap(body)
-        if got < n { guest.waitForInterrupt(timeoutMs: 10) }
-    }
-    return got
-}
-
-func makeIOThread(_ id: String, _ backend: AioContext.Backend, pollMaxNs: Int64 = 32768) throws -> IOThread {
-    var p = IOThreadProperties()
-    p.pollMaxNs = pollMaxNs
-    return try IOThread(id: id, properties: p, backend: backend)
-}
 
 @Suite("Devices: backends and requests")
 struct BackendTests {
@@ -164,11 +143,3 @@ struct BackendTests {
     }
 }
 
-func eventually(seconds: Double = 10, _ condition: () -> Bool) -> Bool {
-    let deadline = monotonicNanoseconds() + Int64(seconds * 1e9)
-    while !condition() {
-        if monotonicNanoseconds() > deadline { return false }
-        usleep(200)
-    }
-    return true
-}

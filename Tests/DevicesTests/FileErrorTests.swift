@@ -1,5 +1,6 @@
 import Aio
 import IOThreads
+import TestSupport
 import Testing
 
 @testable import Devices

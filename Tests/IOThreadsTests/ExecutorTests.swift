@@ -1,6 +1,7 @@
 import Aio
 import Glibc
 import Synchronization
+import TestSupport
 import Testing
 
 @testable import IOThreads

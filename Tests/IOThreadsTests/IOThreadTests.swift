@@ -1,24 +1,10 @@
 import Aio
 import Glibc
 import Synchronization
+import TestSupport
 import Testing
 
 @testable import IOThreads
-
-let backends: [AioContext.Backend] = {
-    if let v = getenv("DATAPLANE_FDMON"), String(cString: v) == "epoll" { return [.epoll] }
-    return [.automatic, .epoll]
-}()
-
-/// Waits (bounded) until `condition` holds.
-func eventually(seconds: Double = 10, _ condition: () -> Bool) -> Bool {
-    let deadline = monotonicNanoseconds() + Int64(seconds * 1e9)
-    while !condition() {
-        if monotonicNanoseconds() > deadline { return false }
-        usleep(200)
-    }
-    return true
-}
 
 /// Runs `body` on the IOThread and waits for it.
 func runOn(_ thread: IOThread, _ body: @escaping @Sendable () -> Void) {
@@ -52,7 +38,7 @@ extension String {
 @Suite("IOThread")
 struct IOThreadTests {
     @Test("start returns with the thread running, named 'IO <id>', with a kernel thread id",
-          .timeLimit(.minutes(1)), arguments: backends)
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
     func startNamesTheThread(_ backend: AioContext.Backend) throws {
         let t = try IOThread(id: "iothread-name-test", backend: backend)
         #expect(t.threadID > 0)
@@ -202,7 +188,7 @@ struct IOThreadTests {
 @Suite("IOThread wake-ups (counting)", .serialized)
 struct WakeupCountingTests {
     @Test("with polling on, BHs scheduled while the loop polls cause no eventfd write",
-          .timeLimit(.minutes(1)), arguments: backends)
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
     func pollingSeesWorkWithoutEventfd(_ backend: AioContext.Backend) throws {
         let windowNs: Int64 = 20_000_000
         var props = IOThreadProperties()
@@ -270,7 +256,7 @@ struct WakeupCountingTests {
     }
 
     @Test("with polling off, a burst of BHs costs at most one eventfd write per loop iteration",
-          .timeLimit(.minutes(1)), arguments: backends)
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
     func burstWithoutPollingWakesOncePerSleep(_ backend: AioContext.Backend) throws {
         var props = IOThreadProperties()
         props.pollMaxNs = 0

@@ -6,29 +6,10 @@ import CShims
 import Devices
 import Glibc
 import IOThreads
+import TestSupport
 import Testing
 
 @testable import VhostUser
-
-let backendsUnderTest: [AioContext.Backend] = {
-    if let v = getenv("DATAPLANE_FDMON"), String(cString: v) == "epoll" { return [.epoll] }
-    return [.automatic, .epoll]
-}()
-
-func makeIOThread(_ id: String, _ backend: AioContext.Backend, pollMaxNs: Int64 = 32768) throws -> IOThread {
-    var p = IOThreadProperties()
-    p.pollMaxNs = pollMaxNs
-    return try IOThread(id: id, properties: p, backend: backend)
-}
-
-func eventually(seconds: Double = 10, _ condition: () -> Bool) -> Bool {
-    let deadline = monotonicNanoseconds() + Int64(seconds * 1e9)
-    while !condition() {
-        if monotonicNanoseconds() > deadline { return false }
-        usleep(200)
-    }
-    return true
-}
 
 struct TestFailure: Error, CustomStringConvertible {
     let description: String
@@ -304,17 +285,6 @@ final class FrontEnd {
 
 func u32(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
 func u64(_ v: UInt64) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
-
-/// Polls `guest` until `n` completions arrived (or 10 s passed).
-func reap(_ guest: GuestQueue, count n: Int, into body: (UInt64, UInt8, UInt32, Int) -> Void) -> Int {
-    var got = 0
-    let deadline = monotonicNanoseconds() + 10_000_000_000
-    while got < n && monotonicNanoseconds() < deadline {
-        got += guest.reap(body)
-        if got < n { guest.waitForInterrupt(timeoutMs: 10) }
-    }
-    return got
-}
 
 func pattern(_ seed: Int, _ count: Int = 4096) -> [UInt8] {
     (0..<count).map { UInt8(truncatingIfNeeded: seed &* 131 &+ $0 &* 7 &+ 1) }

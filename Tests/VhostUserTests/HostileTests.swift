@@ -3,6 +3,7 @@ import CShims
 import Devices
 import Glibc
 import IOThreads
+import TestSupport
 import Testing
 
 @testable import VhostUser

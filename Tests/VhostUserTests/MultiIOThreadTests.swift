@@ -6,6 +6,7 @@ import CShims
 import Devices
 import Glibc
 import IOThreads
+import TestSupport
 import Testing
 
 @testable import VhostUser

@@ -6,6 +6,7 @@ import Aio
 import Devices
 import Glibc
 import IOThreads
+import TestSupport
 import Testing
 
 @testable import VhostUser
