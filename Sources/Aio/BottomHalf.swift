@@ -110,10 +110,9 @@ extension AioContext {
         // Acquire-release: our writes before scheduling are visible to the callback (pairs
         // with the acquiring read-modify-write in runBottomHalves).
         //
-        // The common case first: a BH at rest has no flags set, and one compare-exchange that
-        // expects that takes the BH's cache line once. A fetch-or that returns the old value
-        // is a load and a cmpxchg loop on x86: two coherence transactions on a line that the
-        // loop wrote last.
+        // The common case first: a BH at rest has no flags set, so one compare-exchange that
+        // expects that does it (a fetch-or that must return the old value compiles to a load
+        // and a cmpxchg loop on x86).
         var old: UInt32 = 0
         let desired = BottomHalf.Flags.pending | newFlags
         if !bh.flags.compareExchange(expected: 0, desired: desired, ordering: .acquiringAndReleasing).exchanged {
@@ -143,7 +142,7 @@ extension AioContext {
 
     /// Takes every BH scheduled so far as one batch, in first-scheduled order.
     func takeBottomHalves() -> Unmanaged<BottomHalf>? {
-        // Acquire pairs with the releasing CAS in enqueue. An empty list is seen with a plain
+        // Acquire pairs with the (sequentially consistent) CAS in enqueue. An empty list is seen with a plain
         // load (no locked exchange); a BH pushed right after comes with a notify.
         guard wake.pointee.bhList.load(ordering: .acquiring) != nil else { return nil }
         var node = wake.pointee.bhList.exchange(nil, ordering: .acquiring)
