@@ -1,6 +1,7 @@
 // The second reference for W1, W2 and W5: SwiftNIO's MultiThreadedEventLoopGroup (one
 // event loop thread; epoll, no busy polling), driven the way an application would:
 // `execute` for cross-thread work, `scheduleTask(deadline:)` for timers.
+import Aio
 import Glibc
 import NIOCore
 import NIOPosix
@@ -27,10 +28,10 @@ func nioW1() throws -> [String: Double] {
         var samples = [Int64](repeating: 0, count: n)
         for i in 0..<(warm + n) {
             flag.value.store(false, ordering: .relaxed)
-            let t0 = nowNanoseconds()
+            let t0 = monotonicNanoseconds()
             loop.execute { flag.value.store(true, ordering: .releasing) }
             while !flag.value.load(ordering: .acquiring) {}
-            if i >= warm { samples[i - warm] = nowNanoseconds() - t0 }
+            if i >= warm { samples[i - warm] = monotonicNanoseconds() - t0 }
         }
         samples.sort()
         return ["p50": percentile(samples, 0.5), "p99": percentile(samples, 0.99), "p999": percentile(samples, 0.999)]
@@ -39,20 +40,7 @@ func nioW1() throws -> [String: Double] {
 
 // W2: one producer hands 2M closures to `execute`; the event loop runs them.
 func nioW2() throws -> [String: Double] {
-    try withEventLoop { loop in
-        let ran = Counter()
-        let n = 2_000_000
-        let t0 = nowNanoseconds()
-        for _ in 0..<n { loop.execute { ran.value.add(1, ordering: .relaxed) } }
-        while ran.value.load(ordering: .relaxed) < n {}
-        let dt = nowNanoseconds() - t0
-        let m = 100_000
-        let mallocs = countingMallocs {
-            for _ in 0..<m { loop.execute { ran.value.add(1, ordering: .relaxed) } }
-            while ran.value.load(ordering: .relaxed) < n + m {}
-        }
-        return ["per_second": Double(n) * 1e9 / Double(dt), "mallocs_per_op": Double(mallocs) / Double(m)]
-    }
+    try withEventLoop { loop in oneShotThroughput { loop.execute($0) } }
 }
 
 // W5: 10k `scheduleTask(deadline:)` timers, deadlines uniform in 0–10 ms after a 20 ms lead,
@@ -86,12 +74,6 @@ func nioW5() throws -> [String: Double] {
         return ["p50": percentile(sorted, 0.5), "p99": percentile(sorted, 0.99), "max": Double(sorted.last!),
                 "arm_ns": Double(results.armNs)]
     }
-}
-
-func nowNanoseconds() -> Int64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
 }
 
 /// The SwiftNIO version this was built with, from Package.resolved (run from Benchmarks/).
