@@ -48,7 +48,7 @@ let package = Package(
             swiftSettings: strict
         ),
         .testTarget(name: "UringTests", dependencies: ["Uring", "CShims"], swiftSettings: strict),
-        .testTarget(name: "AioTests", dependencies: ["Aio", "Uring", "CShims"], swiftSettings: strict),
+        .testTarget(name: "AioTests", dependencies: ["Aio", "Uring", "CShims", "TestSupport"], swiftSettings: strict),
         // Helpers several test targets share (not a product).
         .target(name: "TestSupport", dependencies: ["Devices", "IOThreads", "Aio"], path: "Tests/TestSupport",
                 swiftSettings: strict),

@@ -3,6 +3,7 @@
 import CShims
 import Glibc
 import Synchronization
+import TestSupport
 import Testing
 import Uring
 
@@ -67,7 +68,7 @@ struct FaultInjectionTests {
             func descriptorsWithOneSpare() -> Set<String> {
                 close(fillers.removeLast())
                 defer { fillers.append(open("/dev/null", O_RDONLY)) }
-                return openDescriptors()
+                return contextDescriptors()
             }
             // No descriptor at all, then exactly one: the eventfd fits, the ring and the epoll
             // instance do not. A creation that succeeded because the harness freed a slot is

@@ -1,5 +1,6 @@
 import Glibc
 import Synchronization
+import TestSupport
 import Testing
 import Uring
 
@@ -27,49 +28,6 @@ func makeContext(_ backend: AioContext.Backend) throws -> AioContext {
     while ctx.poll(blocking: false) {}
     return ctx
 }
-
-/// Open file descriptors of this process whose target contains one of `kinds` (all if
-/// empty), e.g. "eventfd", "io_uring", "eventpoll" for the anonymous inodes a context owns.
-/// This process's eventfd, io_uring and epoll descriptors as "fd -> target" (the kinds a
-/// context creates), so that a leaked one shows even when it took a number a /dev/null filler
-/// of the descriptor-exhaustion tests had before.
-func openDescriptors() -> Set<String> {
-    guard let dir = opendir("/proc/self/fd") else { return [] }
-    defer { closedir(dir) }
-    var names: Set<String> = []
-    while let entry = readdir(dir) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-        guard name != "." && name != ".." else { continue }
-        var target = [CChar](repeating: 0, count: 256)
-        let n = readlink("/proc/self/fd/\(name)", &target, 255)
-        guard n > 0 else { continue }  // the listing's own fd, or one closed meanwhile
-        let text = String(decoding: target[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        // Only what a context creates: the harness, the sanitizer runtimes and other tests'
-        // inherited files come and go in an exit-test child on their own.
-        if contextDescriptorKinds.contains(where: { text.contains($0) }) { names.insert("\(name) -> \(text)") }
-    }
-    return names
-}
-
-func openFileDescriptorCount(kinds: [String] = []) -> Int {
-    guard let dir = opendir("/proc/self/fd") else { return -1 }
-    defer { closedir(dir) }
-    var n = 0
-    while let entry = readdir(dir) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-        guard name != "." && name != ".." else { continue }
-        if kinds.isEmpty { n += 1; continue }
-        var target = [CChar](repeating: 0, count: 256)
-        let len = readlink("/proc/self/fd/\(name)", &target, 255)
-        guard len > 0 else { continue }
-        let text = String(decoding: target[0..<len].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        if kinds.contains(where: { text.contains($0) }) { n += 1 }
-    }
-    return n
-}
-
-/// The kinds of descriptor an AioContext creates.
-let contextDescriptorKinds = ["eventfd", "io_uring", "eventpoll"]
 
 /// A thread that owns a context and runs its loop until stopped, for cross-thread tests
 /// (a minimal IOThread).

@@ -2,21 +2,10 @@
 // thread and no descriptor behind (issue 7's fault list).
 import Aio
 import Glibc
+import TestSupport
 import Testing
 
 @testable import IOThreads
-
-/// Entries of a /proc directory (descriptors or tasks of this process).
-func procEntries(_ path: String) -> [String] {
-    guard let dir = opendir(path) else { return [] }
-    defer { closedir(dir) }
-    var names: [String] = []
-    while let entry = readdir(dir) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-        if name != "." && name != ".." { names.append(name) }
-    }
-    return names
-}
 
 @Suite("IOThread resource limits")
 struct ResourceLimitTests {
@@ -42,16 +31,7 @@ struct ResourceLimitTests {
                     close(fillers.removeLast())
                     defer { fillers.append(open("/dev/null", O_RDONLY)) }
                     // "fd -> target": a leak shows even in a number a filler had before.
-                    return Set(procEntries("/proc/self/fd").compactMap { name -> String? in
-                        var target = [CChar](repeating: 0, count: 256)
-                        let n = readlink("/proc/self/fd/\(name)", &target, 255)
-                        guard n > 0 else { return nil }  // the listing's own fd, or one closed meanwhile
-                        let text = String(decoding: target[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-                        // Only what an IOThread's context creates: the harness, the sanitizer
-                        // runtimes and inherited files come and go in an exit-test child.
-                        let kinds = ["eventfd", "io_uring", "eventpoll"]
-                        return kinds.contains(where: { text.contains($0) }) ? "\(name) -> \(text)" : nil
-                    })
+                    return contextDescriptors()
                 }
                 let fds = descriptorsWithOneSpare()
                 do {

@@ -1,5 +1,4 @@
-// Helpers shared by the test targets that drive IOThreads and devices (IOThreadsTests,
-// DevicesTests, VhostUserTests): one copy instead of one per target.
+// Helpers shared by the test targets: one copy instead of one per target.
 import Aio
 import Devices
 import Glibc
@@ -38,4 +37,48 @@ public func reap(_ guest: GuestQueue, count n: Int, into body: (UInt64, UInt8, U
         if got < n { guest.waitForInterrupt(timeoutMs: 10) }
     }
     return got
+}
+
+// MARK: - This process's descriptors and threads, from /proc
+
+/// The numeric entries of a /proc directory (descriptors or thread ids of this process).
+public func procEntries(_ path: String) -> [String] {
+    guard let dir = opendir(path) else { return [] }
+    defer { closedir(dir) }
+    var names: [String] = []
+    while let e = readdir(dir) {
+        let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+        if name.first?.isNumber == true { names.append(name) }
+    }
+    return names
+}
+
+/// What descriptor `fd` (a name from /proc/self/fd) points to, or nil when it is gone (the
+/// listing's own descriptor, or one closed meanwhile).
+public func descriptorTarget(_ fd: String) -> String? {
+    var target = [CChar](repeating: 0, count: 256)
+    let n = readlink("/proc/self/fd/\(fd)", &target, 255)
+    guard n > 0 else { return nil }
+    return String(decoding: target[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+/// The kinds of descriptor an AioContext creates.
+public let contextDescriptorKinds = ["eventfd", "io_uring", "eventpoll"]
+
+/// This process's eventfd, io_uring and epoll descriptors as "fd -> target" (the kinds a
+/// context creates), so that a leaked one shows even when it took a number a /dev/null filler
+/// of the descriptor-exhaustion tests had before. Only those kinds: the harness, the sanitizer
+/// runtimes and other tests' inherited files come and go in an exit-test child on their own.
+public func contextDescriptors() -> Set<String> {
+    Set(procEntries("/proc/self/fd").compactMap { fd -> String? in
+        guard let text = descriptorTarget(fd), contextDescriptorKinds.contains(where: { text.contains($0) }) else { return nil }
+        return "\(fd) -> \(text)"
+    })
+}
+
+/// Open descriptors of this process whose target contains one of `kinds` (all if empty).
+public func openFileDescriptorCount(kinds: [String] = []) -> Int {
+    let fds = procEntries("/proc/self/fd")
+    if kinds.isEmpty { return fds.count }
+    return fds.filter { fd in descriptorTarget(fd).map { t in kinds.contains(where: { t.contains($0) }) } ?? false }.count
 }
