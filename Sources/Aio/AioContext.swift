@@ -70,10 +70,6 @@ public final class AioContext: @unchecked Sendable {
     /// A `let`, set once in init: calls through it take no reference (a stored `var` would
     /// be retained and released around every call, several times per iteration).
     let monitor: FDMonitor
-    /// The same monitor when it is io_uring's, unretained (``monitor`` owns it): a call
-    /// through it is direct and takes no reference, where a call through the stored
-    /// existential retains and releases it around a witness-table call, on every request.
-    @exclusivity(unchecked) var uring: Unmanaged<IOUringMonitor>? = nil
     let notifier: EventNotifier
     @exclusivity(unchecked) var notifierHandler: FdHandler!
     @exclusivity(unchecked) var handlersByFd: [Int32: FdHandler] = [:]
@@ -185,7 +181,6 @@ public final class AioContext: @unchecked Sendable {
         wake = UnsafeMutableRawPointer.allocate(byteCount: 128, alignment: 64).bindMemory(to: WakeWords.self, capacity: 1)
         wake.initialize(to: WakeWords())
         self.monitor.bind(to: self)
-        if let m = monitor as? IOUringMonitor { uring = Unmanaged.passUnretained(m) }
         self.fallbackReason = reason
         // The context's own notifier: its read clears the eventfd, its poll reads `notified`;
         // neither counts as progress. Unlike QEMU it is in the poll list from the start, so a
@@ -509,12 +504,7 @@ public final class AioContext: @unchecked Sendable {
 
     @inline(__always)
     func send(_ request: IORequest, userData: UInt64) {
-        let accepted = if let uring {
-            uring._withUnsafeGuaranteedRef { $0.submit(request, userData: userData) }
-        } else {
-            monitor.submit(request, userData: userData)
-        }
-        if !accepted {
+        if !monitor.submit(request, userData: userData) {
             // The kernel would not take another request even after a reap: complete it with
             // -EBUSY rather than lose it.
             requestCompleted(userData: userData, result: -EBUSY)
