@@ -33,8 +33,9 @@ extension AioContext {
         let start: Int64 = params.maxNs != 0 ? monotonicNanoseconds() : 0
         var timeout: Int64 = blocking ? computeTimeout() : 0
 
+        var windowEnd: Int64 = 0  // the poll window's last clock reading, if one ran
         if params.maxNs != 0 || pollStarted {
-            progress = tryPollMode(&timeout) || progress
+            progress = tryPollMode(&timeout, windowEnd: &windowEnd) || progress
         }
 
         // Consumer half of the Dekker pair with notify(): announce that we may block, then
@@ -74,7 +75,7 @@ extension AioContext {
         // clock read is spent on it.
         var blockNs: Int64 = 0
         if params.maxNs != 0 {
-            blockNs = (waited || lastPollEnd < start ? monotonicNanoseconds() : lastPollEnd) - start
+            blockNs = (waited || windowEnd == 0 ? monotonicNanoseconds() : windowEnd) - start
         }
         progress = dispatchCompletions() || progress
         progress = runBottomHalves() || progress
@@ -101,7 +102,8 @@ extension AioContext {
 
     /// QEMU `try_poll_mode`: busy-poll for up to the longest window of the handlers in the
     /// poll list, capped by the timeout.
-    func tryPollMode(_ timeout: inout Int64) -> Bool {
+    /// `windowEnd` is set to the window's last clock reading if it ran.
+    func tryPollMode(_ timeout: inout Int64, windowEnd: inout Int64) -> Bool {
         guard !pollHandlers.isEmpty else { return false }
         var maxNs: Int64 = 0
         for i in pollHandlers.indices where pollHandlers[i].pollNs > maxNs { maxNs = pollHandlers[i].pollNs }
@@ -112,10 +114,10 @@ extension AioContext {
         monitor.prepareForPolling()
         guard !monitor.eventsReady else { return false }
         _ = pollSetStarted(true)
-        return runPollHandlers(maxNs: maxNs, &timeout)
+        return runPollHandlers(maxNs: maxNs, &timeout, windowEnd: &windowEnd)
     }
 
-    func runPollHandlers(maxNs initialMax: Int64, _ timeout: inout Int64) -> Bool {
+    func runPollHandlers(maxNs initialMax: Int64, _ timeout: inout Int64, windowEnd: inout Int64) -> Bool {
         var progress = false
         var maxNs = initialMax
         let start = monotonicNanoseconds()
@@ -134,7 +136,7 @@ extension AioContext {
                 break
             }
         } while elapsed < maxNs
-        lastPollEnd = now
+        windowEnd = now
         if removeIdlePollHandlers(now: now, &timeout) { progress = true }
         statistics._pollNanoseconds.bump(UInt64(max(0, elapsed)))
         if timeout == 0 { statistics._pollHits.bump() } else { statistics._pollMisses.bump() }

@@ -90,8 +90,6 @@ public final class AioContext: @unchecked Sendable {
     /// Completion I/O bookkeeping, behind a pointer (see ``RequestTable``).
     let requests: UnsafeMutablePointer<RequestTable>
     @exclusivity(unchecked) var depth = 0
-    /// The clock when the last busy-poll window ended (its last reading).
-    @exclusivity(unchecked) var lastPollEnd: Int64 = 0
 
     // Cross-thread state.
     /// The words every wake-up moves between threads, on a cache line of their own (see
