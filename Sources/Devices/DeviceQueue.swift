@@ -166,16 +166,16 @@ public final class DeviceQueue: @unchecked Sendable {
 
     /// What an attach to a context allocates, made on any thread ahead of time: a move makes
     /// it before the queue stops, so that the pause holds no allocation.
-    public struct AttachPreparation: @unchecked Sendable {  // handed to the home thread once
+    struct AttachPreparation: @unchecked Sendable {  // handed to the home thread once
         let context: AioContext
         let irqBH: BottomHalf
         let completionTarget: CompletionTarget
         let timers: [AioTimer]
     }
 
-    /// Makes what attaching to `ctx` needs. Any thread; pass the result to
-    /// ``attachOnHomeThread(_:)-(AttachPreparation)`` on `ctx`'s home thread.
-    public func prepareAttach(_ ctx: AioContext) -> AttachPreparation {
+    /// Makes what attaching to `ctx` needs. Any thread; pass the result to `register(_:)` on
+    /// `ctx`'s home thread.
+    func prepareAttach(_ ctx: AioContext) -> AttachPreparation {
         var timers: [AioTimer] = []
         if case .delay = backend.backend {
             timers = (0..<ring.layout.size).map { head in
@@ -193,13 +193,7 @@ public final class DeviceQueue: @unchecked Sendable {
 
     /// Registers the kick handler on `ctx` and processes the queue once. Home thread of `ctx`.
     public func attachOnHomeThread(_ ctx: AioContext) {
-        attachOnHomeThread(prepareAttach(ctx))
-    }
-
-    /// Registers the kick handler on the prepared context and processes the queue once.
-    /// Home thread of that context.
-    public func attachOnHomeThread(_ prepared: AttachPreparation) {
-        register(prepared)
+        register(prepareAttach(ctx))
         process()  // a request may have been queued (and kicked) before the handler existed
     }
 
