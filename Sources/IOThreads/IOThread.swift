@@ -2,12 +2,18 @@
 //
 // Design note. The thread is a plain joinable pthread named "IO <id>". It creates its
 // context itself, so the io_uring ring is created (SINGLE_ISSUER) and only ever entered
-// by the thread that submits to it (../shared/spec/PITFALLS.md item 4: requests belong to
-// their submitter), which QEMU's merged code does not do (it creates the context on the
-// main thread). `start` returns once the thread runs and its kernel thread id is known.
-// `stop` schedules a one-shot BH that ends the loop, then joins; the context is destroyed
-// on the IOThread before it exits. Properties may be changed while it runs; poll
-// parameters take effect on the loop's next iteration.
+// by the thread that submits to it (io_uring requests belong to the task that submitted
+// them; see the Aio catalog's ThreadingRules), which QEMU's merged code does not do (it
+// creates the context on the main thread). `init` returns once the thread runs and its
+// kernel thread id is known.
+//
+// Lifecycle: running -> stopping -> stopped, under one lock with the holder list. Holds may
+// be taken only while running; `stop()` is refused while anything holds the IOThread, so a
+// holder's drain always has a running loop to finish on. `stop()` schedules a one-shot BH
+// that ends the loop and joins the thread. The context outlives the loop: it stays readable
+// (its counters, its backend) until the IOThread itself is destroyed, and its ring is then
+// torn down by whichever thread drops the last reference. Properties may be changed while
+// it runs; poll parameters take effect on the loop's next iteration.
 import Aio
 import CShims
 import Glibc
@@ -15,43 +21,43 @@ import Synchronization
 
 /// A thread running one ``AioContext`` loop until stopped.
 ///
-/// `@unchecked Sendable`: `context`, `threadID` and `startError` are written once by the new
-/// thread before it posts `startup`, which the creating thread waits for (sem_post/sem_wait
-/// order them), and only read afterwards; `properties` and `state` are behind mutexes; `jobs` (the executor
-/// queue) is behind its own mutex.
+/// `@unchecked Sendable`: `context`, `jobs`, `threadID` and `startError` are written once
+/// by the new thread before it posts `startup`, which the creating thread waits for
+/// (sem_post/sem_wait order them), and only read afterwards; `props` and `life` are behind
+/// mutexes.
 public final class IOThread: @unchecked Sendable {
     /// The object id (`-object iothread,id=…`).
     public let id: String
-    /// The loop this thread runs. Its thread-safe entry points may be used from anywhere.
-    public private(set) var context: AioContext!
+    /// The loop this thread runs. Not public: a holder reaches it through its hold
+    /// (``IOThreadHold/context``, ``IOThreadHoldSet/context(of:)``). Package users that need it
+    /// without a holder (this module's executor, statistics and properties; tests of the loop
+    /// itself) use it directly, each saying why.
+    package private(set) var context: AioContext!
     /// The kernel thread id (what `query-iothreads` reports as `thread-id`).
     public private(set) var threadID: Int32 = -1
 
     let props: Locked<IOThreadProperties>
-    let state = Locked(State())
-    /// Serialises stop(); holds how many stops ran (not zero-sized: TSan mis-tracks inout
-    /// access to a zero-sized stored value).
+    /// The lifecycle and the holders, under one lock (Holders.swift).
+    let life = Locked(Life())
+    /// Serialises stop(): a second caller returns only once the thread has been joined.
+    /// Holds how many stops ran (not zero-sized: TSan mis-tracks inout access to a zero-sized
+    /// stored value).
     let stopLock = Locked(0)
     var thread = pthread_t()
     let startup: UnsafeMutablePointer<sem_t>
     var startError: IOThreadError?
     // The loop's own flag; only the IOThread reads and writes it (the stop BH clears it).
     nonisolated(unsafe) var running = true
-    /// Holders (Holders.swift).
-    struct HolderState {
-        var holders: [String] = []
-        /// Set by the registry when it deletes the IOThread: no new hold after that.
-        var retired = false
-    }
-    let holderList = Locked(HolderState())
-    // Executor support (IOThread+Executor.swift).
-    let jobs = Locked<[UnownedJob]>([])
-    nonisolated(unsafe) var spareJobs: [UnownedJob] = []
-    var jobBH: BottomHalf!
+    /// The executor's job queue (IOThread+Executor.swift); written once before start returns.
+    var jobs: ExecutorJobQueue!
 
-    struct State {
-        var stopping = false
-        var joined = false
+    /// running -> stopping -> stopped. Holds are taken only while running.
+    enum Phase: Sendable { case running, stopping, stopped }
+
+    struct Life {
+        var phase = Phase.running
+        /// Newest first, as the holders series prepends.
+        var holders: [IOThreadHolder] = []
     }
 
     /// Creates the IOThread and starts its thread; returns once the loop runs.
@@ -96,21 +102,21 @@ public final class IOThread: @unchecked Sendable {
         }, start)
         guard rc == 0 else {
             Unmanaged<Start>.fromOpaque(start).release()
-            state.withLock { $0.joined = true }  // deinit (which runs now) has nothing to stop
+            life.withLock { $0.phase = .stopped }  // deinit (which runs now) has nothing to stop
             throw IOThreadError(.resource, "Failed to create thread for iothread '\(id)': \(String(cString: strerror(rc)))")
         }
         while sem_wait(startup) != 0 {}
         if let error = startError {
             pthread_join(thread, nil)
-            state.withLock { $0.joined = true }
+            life.withLock { $0.phase = .stopped }
             throw error
         }
     }
 
     deinit {
-        let left = holderList.withLock { $0.holders }
+        let left = life.withLock { $0.holders.map(\.name) }
         precondition(left.isEmpty, "BUG DETECTED: IOThread '\(id)' destroyed while held by \(left)")
-        stop()
+        try? stop()  // cannot throw: nothing holds it
         sem_destroy(startup)
         startup.deallocate()
     }
@@ -133,7 +139,8 @@ public final class IOThread: @unchecked Sendable {
             let ctx = try AioContext(backend: backend)
             ctx.setPollParameters(props.withLock { $0.pollParameters })
             context = ctx
-            jobBH = ctx.makeBottomHalf(name: "iothread-executor") { [unowned self] in self.runJobs() }
+            jobs = ExecutorJobQueue(context: ctx, name: "IOThread '\(id)'")
+            jobs.bind(serial: asUnownedSerialExecutor(), task: asUnownedTaskExecutor())
         } catch {
             startError = IOThreadError(.resource, "Failed to create AioContext for iothread '\(id)': \(error.message)")
             sem_post(startup)
@@ -146,31 +153,51 @@ public final class IOThread: @unchecked Sendable {
         // context itself stays (it is written once, before start returns, and read from any
         // thread without a lock) and goes with the IOThread; the ring it owns may be torn
         // down by any thread.
-        jobBH.delete()
+        jobs.close()
     }
 
-    /// Stops the loop and joins the thread. Idempotent. Must not be called from the IOThread
-    /// itself (it joins).
-    public func stop() {
-        // Serialised: a second caller returns only once the thread has been joined.
-        stopLock.withLock { stops in
+    /// Stops the loop and joins the thread. Idempotent: a later call returns once the thread
+    /// has been joined. Must not be called from the IOThread itself (it joins).
+    /// - Throws: ``IOThreadError`` `.inUse` while anything holds the IOThread (its holders'
+    ///   work needs the loop to drain); nothing changes then.
+    public func stop() throws(IOThreadError) {
+        try stopLock.withLock { stops throws(IOThreadError) in
             stops += 1
-            let first = state.withLock { s -> Bool in
-                if s.stopping || s.joined { return false }
-                s.stopping = true
-                return true
+            let join = try life.withLock { l throws(IOThreadError) -> Bool in
+                switch l.phase {
+                case .stopped:
+                    return false
+                case .stopping:
+                    return true  // retired by its registry: the join is ours
+                case .running:
+                    guard l.holders.isEmpty else {
+                        throw IOThreadError(.inUse, "IOThread '\(id)' is held by \(l.holders.map(\.name)); release its holds before stopping it")
+                    }
+                    l.phase = .stopping
+                    return true
+                }
             }
-            guard first else { return }
+            guard join else { return }
             precondition(pthread_equal(pthread_self(), thread) == 0,
                          "BUG DETECTED: IOThread '\(id)' stopped from its own thread (stop joins it)")
             context.scheduleOneShot(name: "iothread-stop") { [unowned(unsafe) self] in self.running = false }
             pthread_join(thread, nil)
-            state.withLock { $0.joined = true }
+            life.withLock { $0.phase = .stopped }
         }
     }
 
-    /// Whether the thread has been stopped.
-    public var isStopped: Bool { state.withLock { $0.stopping || $0.joined } }
+    /// Moves a running IOThread that nobody holds to stopping (atomically with `hold`), so
+    /// that no hold can slip in between the check and the stop. The registry's delete.
+    /// - Throws: ``IOThreadError`` `.inUse` when it is held.
+    func retire() throws(IOThreadError) {
+        try life.withLock { l throws(IOThreadError) in
+            guard l.holders.isEmpty else { throw IOThreadError(.inUse, "object '\(id)' is in use, can not be deleted") }
+            if l.phase == .running { l.phase = .stopping }
+        }
+    }
+
+    /// Whether the thread is stopping or stopped.
+    public var isStopped: Bool { life.withLock { $0.phase != .running } }
 
     // MARK: - Properties
 
@@ -198,7 +225,7 @@ public final class IOThread: @unchecked Sendable {
     /// CPU time the thread has used, in ns, from the kernel's per-thread clock
     /// (`pthread_getcpuclockid`). Thread-safe; 0 once the thread is gone.
     public var cpuTimeNanoseconds: Int64 {
-        guard !state.withLock({ $0.joined }) else { return 0 }
+        guard life.withLock({ $0.phase != .stopped }) else { return 0 }
         var clock = clockid_t()
         guard pthread_getcpuclockid(thread, &clock) == 0 else { return 0 }
         var ts = timespec()
@@ -206,6 +233,12 @@ public final class IOThread: @unchecked Sendable {
         return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
     }
 
-    /// The context's counters (thread-safe).
+    /// The context's counters (thread-safe; the context outlives the loop, so they stay
+    /// readable after `stop()`).
     public var statistics: AioStatistics { context.statistics }
+
+    /// The fd-monitoring backend the loop runs on.
+    public var backendKind: FDMonitorKind { context.backendKind }
+    /// Why the loop does not run on io_uring, when ``backendKind`` is epoll.
+    public var fallbackReason: String? { context.fallbackReason }
 }

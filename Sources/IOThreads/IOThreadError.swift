@@ -10,8 +10,10 @@ public struct IOThreadError: Error, Equatable, CustomStringConvertible, Sendable
         case duplicateID
         /// No IOThread with that id.
         case notFound
-        /// The IOThread has holders and cannot be deleted.
+        /// The IOThread has holders and cannot be stopped or deleted.
         case inUse
+        /// The IOThread is stopping or stopped: it cannot be held.
+        case stopped
         /// The thread or its context could not be created.
         case resource
     }

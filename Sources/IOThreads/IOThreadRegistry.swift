@@ -49,18 +49,18 @@ public final class IOThreadRegistry: Sendable {
     public func remove(_ id: String) throws(IOThreadError) {
         let outcome = threads.withLock { t -> Result<IOThread, IOThreadError> in
             guard let thread = t[id] else { return .failure(IOThreadError(.notFound, "object '\(id)' not found")) }
-            guard thread.retireIfUnheld() else {
-                return .failure(IOThreadError(.inUse, "object '\(id)' is in use, can not be deleted"))
-            }
+            do throws(IOThreadError) { try thread.retire() } catch { return .failure(error) }
             t.removeValue(forKey: id)
             return .success(thread)
         }
         let thread = try outcome.get()
+        // Retired: nothing can hold it any more, so the stop cannot be refused. The id stays
+        // reserved (in `order`) until the thread is joined.
+        try? thread.stop()
         order.withLock { $0.removeAll { $0 == id } }
-        thread.stop()
     }
 
-    /// Stops every IOThread.
+    /// Stops and removes every IOThread that nothing holds; the held ones stay.
     public func removeAll() {
         for t in all { try? remove(t.id) }
     }

@@ -26,7 +26,7 @@ public enum LoadRunner {
         for i in 0..<config.iothreads {
             threads.append(try IOThread(id: "iothread\(i)", properties: props, backend: backend))
         }
-        defer { for t in threads { t.stop() } }
+        defer { for t in threads { try? t.stop() } }
         var devices: [VirtioBlkDevice] = []
         var workers: [GuestWorker] = []
         for d in 0..<config.devices {
@@ -130,7 +130,7 @@ public enum LoadRunner {
                 moves: p.count, pauseNs: .init(p50: p.isEmpty ? 0 : p[p.count / 2],
                                                p99: p.isEmpty ? 0 : p[min(p.count - 1, p.count * 99 / 100)], max: p.last ?? 0)),
             holders: .init(expected: holdersExpected, attached: holdersAttached, afterDetach: holdersAfterDetach),
-            backend: threads[0].context.backendKind.rawValue,
+            backend: threads[0].backendKind.rawValue,
             machine: .current,
             config: .init(config))
     }

@@ -40,9 +40,11 @@ struct Wake: ParsableCommand {
             var props = IOThreadProperties()
             props.pollMaxNs = maxNs
             let thread = try IOThread(id: "demo", properties: props, backend: backend)
-            let result = measure(thread, seconds: seconds)
-            print("  \(label): backend \(thread.context.backendKind), \(result.count) round trips")
-            thread.stop()
+            let hold = try thread.hold(.monitor(name: "wake"))  // the way to its context
+            let result = measure(hold.context, thread, seconds: seconds)
+            hold.release()
+            print("  \(label): backend \(thread.backendKind), \(result.count) round trips")
+            try thread.stop()
             rows.append((label, result))
         }
         print("")
@@ -64,9 +66,9 @@ struct Wake: ParsableCommand {
         var eventfdPerOp = 0.0, entersPerOp = 0.0, cpuPercent = 0.0
     }
 
-    func measure(_ thread: IOThread, seconds: Double) -> Result {
+    func measure(_ context: AioContext, _ thread: IOThread, seconds: Double) -> Result {
         let flag = Atomic<Bool>(false)
-        let bh = thread.context.makeBottomHalf(name: "demo-w1") { flag.store(true, ordering: .releasing) }
+        let bh = context.makeBottomHalf(name: "demo-w1") { flag.store(true, ordering: .releasing) }
         defer { bh.delete() }
         let think = thinkNs
         func roundTrip() -> Int64 {

@@ -33,7 +33,7 @@ struct ExecutorTests {
             for try await onIOThread in group { #expect(onIOThread) }
         }
         #expect(await counter.value == 100)
-        t.stop()
+        try t.stop()
     }
 
     @Test("a BH on the IOThread may assume the isolation of an actor pinned to it",
@@ -52,7 +52,7 @@ struct ExecutorTests {
         #expect(eventually { result.withLock { $0 } != nil })
         #expect(result.withLock { $0 } == 41)
         #expect(await counter.increment().0 == 42)
-        t.stop()
+        try t.stop()
     }
 
     @Test("a task that prefers the IOThread runs its synchronous parts there", .timeLimit(.minutes(1)))
@@ -66,7 +66,7 @@ struct ExecutorTests {
             return await group.next()!
         }
         #expect(viaGroup)
-        t.stop()
+        try t.stop()
     }
 }
 
@@ -93,7 +93,7 @@ struct LifecycleTests {
                     let ran = Atomic<Bool>(false)
                     t.context.scheduleOneShot { ran.store(true, ordering: .releasing) }
                     while !ran.load(ordering: .acquiring) { usleep(50) }
-                    t.stop()
+                    try t.stop()
                 }
                 clean = count("/proc/self/task") == threads && count("/proc/self/fd") == fds
             }
@@ -106,7 +106,7 @@ struct LifecycleTests {
         let result = await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
             let t = try! IOThread(id: "selfstop")
             let box = Unmanaged.passRetained(t)
-            t.context.scheduleOneShot { box.takeUnretainedValue().stop() }
+            t.context.scheduleOneShot { try! box.takeUnretainedValue().stop() }
             sleep(10)
         }
         let stderr = String(decoding: result?.standardErrorContent ?? [], as: UTF8.self)

@@ -51,15 +51,15 @@ struct IOThreadTests {
             if t.context.isOnHomeThread { onHome.set() }
         }
         #expect(ran.isSet && onHome.isSet)
-        t.stop()
+        try t.stop()
         #expect(t.isStopped)
-        t.stop()  // idempotent
+        try t.stop()  // idempotent
     }
 
     @Test("a CPU affinity given at creation pins the thread", .timeLimit(.minutes(1)))
     func affinity() throws {
         let t = try IOThread(id: "pinned", cpuAffinity: [0])
-        defer { t.stop() }
+        defer { try? t.stop() }
         let fd = open("/proc/self/task/\(t.threadID)/status", O_RDONLY)
         defer { close(fd) }
         var buf = [UInt8](repeating: 0, count: 4096)
@@ -83,11 +83,11 @@ struct IOThreadTests {
         final class Arg: @unchecked Sendable { let t: IOThread; let f: Flag; init(_ t: IOThread, _ f: Flag) { self.t = t; self.f = f } }
         pthread_create(&other.value, nil, { a in
             let arg = Unmanaged<Arg>.fromOpaque(a!).takeRetainedValue()
-            arg.t.stop()
+            try! arg.t.stop()
             arg.f.set()
             return nil
         }, Unmanaged.passRetained(Arg(t, done)).toOpaque())
-        t.stop()
+        try t.stop()
         // Whichever call came second, the thread is gone when it returns.
         #expect(access("/proc/self/task/\(tid)", F_OK) != 0)
         pthread_join(other.value, nil)
@@ -99,7 +99,7 @@ struct IOThreadTests {
         var props = IOThreadProperties()
         props.pollMaxNs = 1_000_000_000  // every wake-up within 1 s grows a window
         let t = try IOThread(id: "stats", properties: props)
-        defer { t.stop() }
+        defer { try? t.stop() }
         let before = t.statistics.bottomHalvesRun
         for _ in 0..<10 {
             let ran = Flag()
@@ -127,7 +127,7 @@ struct IOThreadTests {
         try t.setProperty("poll-grow", to: 4)
         try t.setProperty("poll-shrink", to: 2)
         #expect(t.context.pollParameters == PollParameters(maxNs: 1000, grow: 4, shrink: 2))
-        t.stop()
+        try t.stop()
     }
 
     @Test("bad values are refused with QEMU's texts and change nothing")
@@ -196,7 +196,7 @@ struct WakeupCountingTests {
         props.pollGrow = 16
         props.pollShrink = 1  // QEMU: a divisor of 1 never shrinks, so a slow round cannot reset the window
         let t = try IOThread(id: "polling", properties: props, backend: backend)
-        defer { t.stop() }
+        defer { try? t.stop() }
         let ran = Atomic<Int>(0)
         let ranAt = Atomic<Int64>(0)  // when the loop ran the BH (its poll window starts after)
         let bh = t.context.makeBottomHalf {
@@ -261,7 +261,7 @@ struct WakeupCountingTests {
         var props = IOThreadProperties()
         props.pollMaxNs = 0
         let t = try IOThread(id: "sleepy", properties: props, backend: backend)
-        defer { t.stop() }
+        defer { try? t.stop() }
         #expect(eventually { t.statistics.blockingWaits > 0 })
         // The exact "one write for a burst to one sleep" is proven on AioContext, where the
         // loop can be held to a single iteration; a free-running IOThread may wake and sleep

@@ -67,8 +67,10 @@ let benchmarks: @Sendable () -> Void = {
     // W1 with polling on: the wake-up round trip to an IOThread.
     Benchmark("W1WakeRTTPollingOn", configuration: .init(metrics: [.wallClock, .mallocCountTotal])) { benchmark in
         let thread = try IOThread(id: "bench")
+        let holds = IOThreadHoldSet(holder: .monitor(name: "bench"))  // the way to its context
+        try holds.hold([thread])
         let flag = Atomic<Bool>(false)
-        let bh = thread.context.makeBottomHalf { flag.store(true, ordering: .releasing) }
+        let bh = holds.context(of: thread).makeBottomHalf { flag.store(true, ordering: .releasing) }
         for _ in 0..<10_000 {
             flag.store(false, ordering: .relaxed)
             bh.schedule()
@@ -82,7 +84,8 @@ let benchmarks: @Sendable () -> Void = {
         }
         benchmark.stopMeasurement()
         bh.delete()
-        thread.stop()
+        holds.release()
+        try thread.stop()
     }
 
     // W3 steady state: one request through a null virtio-blk-like device on an IOThread

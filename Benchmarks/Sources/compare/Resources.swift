@@ -31,9 +31,12 @@ func probeIdleMemory() throws {
     sleepNanoseconds(500_000_000)  // let them settle into their blocking waits
     let rss1 = residentKiB()
     var stacks: [StackRange] = []
+    let holds = IOThreadHoldSet(holder: .monitor(name: "bench"))
+    try holds.hold(threads)
+    defer { holds.release() }
     for t in threads {
         let r = StackRange()
-        t.context.scheduleOneShot {
+        holds.context(of: t).scheduleOneShot {
             var low: UInt = 0, high: UInt = 0
             _ = dp_thread_stack(&low, &high)
             r.low = low
@@ -47,7 +50,8 @@ func probeIdleMemory() throws {
     let rings = maps.filter { $0.name.contains("io_uring") }.reduce(0) { $0 + $1.rssKiB } - ringsBefore
     var stackKiB = 0
     for m in maps where stacks.contains(where: { m.start < $0.high && m.end > $0.low }) { stackKiB += m.rssKiB }
-    for t in threads { t.stop() }
+    holds.release()
+    for t in threads { try t.stop() }
     print(pairs(["rss_before_kib": Double(rss0), "rss_after_kib": Double(rss1), "threads": Double(count),
                  "rings_kib": Double(rings), "stacks_kib": Double(stackKiB),
                  "per_thread_kib": Double(rss1 - rss0 - rings - stackKiB) / Double(count)]))
@@ -87,9 +91,14 @@ func probeSoak(seconds: Int) throws {
 /// have grown), then left with nothing to do; its CPU clock is read from 1 s to 6 s later.
 func idleCPU() throws -> [String: Double] {
     let thread = try IOThread(id: "idle")
-    defer { thread.stop() }
+    defer { try? thread.stop() }
+    // The benchmark holds the IOThread it uses: the way to its context.
+    let holds = IOThreadHoldSet(holder: .monitor(name: "bench"))
+    try holds.hold([thread])
+    defer { holds.release() }
+    let ctx = holds.context(of: thread)
     let flag = Atomic<Bool>(false)
-    let bh = thread.context.makeBottomHalf(name: "burst") { flag.store(true, ordering: .releasing) }
+    let bh = ctx.makeBottomHalf(name: "burst") { flag.store(true, ordering: .releasing) }
     defer { bh.delete() }
     for _ in 0..<50_000 {
         flag.store(false, ordering: .relaxed)

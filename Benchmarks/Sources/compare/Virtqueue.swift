@@ -27,7 +27,7 @@ func dataplaneW3(_ c: W3Config, warmupNs: Int64, durationNs: Int64, countMallocs
     var props = IOThreadProperties()
     props.pollMaxNs = c.pollMaxNs
     let thread = try IOThread(id: "w3", properties: props)
-    defer { thread.stop() }
+    defer { try? thread.stop() }
     let dev = try VirtioBlkDevice(id: "disk0", queues: 1, queueSize: 256, backend: .null)
     try blockOn { try await dev.attach(to: thread) }
     let guest = GuestWorker(guest: try GuestQueue(device: dev, queue: 0), depth: c.qd, spinning: c.spinning, live: false)
@@ -88,7 +88,7 @@ func dataplaneW3(_ c: W3Config, warmupNs: Int64, durationNs: Int64, countMallocs
 /// device at QD 32; device 0 is moved back and forth between the IOThreads in a loop.
 func dataplaneW6(durationNs: Int64) throws -> [String: Double] {
     let threads = [try IOThread(id: "churn0"), try IOThread(id: "churn1")]
-    defer { for t in threads { t.stop() } }
+    defer { for t in threads { try? t.stop() } }
     var devices: [VirtioBlkDevice] = []
     var guests: [GuestWorker] = []
     for d in 0..<4 {

@@ -19,9 +19,14 @@ func dataplaneW1(pollMaxNs: Int64) throws -> [String: Double] {
     var props = IOThreadProperties()
     props.pollMaxNs = pollMaxNs
     let thread = try IOThread(id: "w1", properties: props)
-    defer { thread.stop() }
+    defer { try? thread.stop() }
+    // The benchmark holds the IOThread it uses: the way to its context.
+    let holds = IOThreadHoldSet(holder: .monitor(name: "bench"))
+    try holds.hold([thread])
+    defer { holds.release() }
+    let ctx = holds.context(of: thread)
     let flag = Atomic<Bool>(false)
-    let bh = thread.context.makeBottomHalf(name: "w1") { flag.store(true, ordering: .releasing) }
+    let bh = ctx.makeBottomHalf(name: "w1") { flag.store(true, ordering: .releasing) }
     defer { bh.delete() }
     let warm = 20_000, n = 200_000
     var samples = [Int64](repeating: 0, count: n)
@@ -50,8 +55,12 @@ func dataplaneW2OneShot() throws -> [String: Double] {
     var props = IOThreadProperties()
     props.pollMaxNs = 0
     let thread = try IOThread(id: "w2", properties: props)
-    defer { thread.stop() }
-    let ctx = thread.context!
+    defer { try? thread.stop() }
+    // The benchmark holds the IOThread it uses: the way to its context.
+    let holds = IOThreadHoldSet(holder: .monitor(name: "bench"))
+    try holds.hold([thread])
+    defer { holds.release() }
+    let ctx = holds.context(of: thread)
     return oneShotThroughput { ctx.scheduleOneShot($0) }
 }
 
@@ -129,6 +138,7 @@ func closureHandOffFloor() -> [String: Double] {
 /// beside it so the difference is visible.
 final class ExistingBHs {
     let thread: IOThread
+    let holds = IOThreadHoldSet(holder: .monitor(name: "bench"))
     let ran = Counter()
     var bhs: [BottomHalf] = []
     var refs: [Unmanaged<BottomHalf>] = []
@@ -142,7 +152,9 @@ final class ExistingBHs {
         let ran = self.ran
         let callback: @Sendable () -> Void = { ran.value.add(1, ordering: .relaxed) }
         bhs.reserveCapacity(n)
-        for _ in 0..<n { bhs.append(thread.context.makeBottomHalf(name: "w2", callback)) }
+        try holds.hold([thread])
+        let ctx = holds.context(of: thread)
+        for _ in 0..<n { bhs.append(ctx.makeBottomHalf(name: "w2", callback)) }
         refs = bhs.map { Unmanaged.passUnretained($0) }
         // One untimed, uncounted round: whatever the loop grows once (its batch arrays) is
         // not a per-BH cost.
@@ -172,14 +184,20 @@ final class ExistingBHs {
     func close() {
         for bh in bhs { bh.delete() }
         bhs = []
-        thread.stop()
+        holds.release()
+        try? thread.stop()
     }
 }
 
 // W5: 10k one-shot timers, deadlines uniform in 0–10 ms (after a 20 ms lead for arming).
 func dataplaneW5() throws -> [String: Double] {
     let thread = try IOThread(id: "w5")
-    defer { thread.stop() }
+    defer { try? thread.stop() }
+    // The benchmark holds the IOThread it uses: the way to its context.
+    let holds = IOThreadHoldSet(holder: .monitor(name: "bench"))
+    try holds.hold([thread])
+    defer { holds.release() }
+    let ctx = holds.context(of: thread)
     let n = 10_000
     final class Results: @unchecked Sendable {  // written on the IOThread only, read after `done`
         var late = [Int64](repeating: 0, count: 10_000)
@@ -189,7 +207,6 @@ func dataplaneW5() throws -> [String: Double] {
     }
     let results = Results()
     let done = Atomic<Bool>(false)
-    let ctx = thread.context!
     var rng = SystemRandomNumberGenerator()
     let offsets = (0..<n).map { _ in Int64.random(in: 0..<10_000_000, using: &rng) }
     ctx.scheduleOneShot {
@@ -226,8 +243,8 @@ func dataplaneExecutorJobs() throws -> [String: Double] {
     let a = try IOThread(id: "exec-a")
     let b = try IOThread(id: "exec-b")
     defer {
-        a.stop()
-        b.stop()
+        try? a.stop()
+        try? b.stop()
     }
     let actor = PinnedCounter(a)
     let n = 100_000
