@@ -6,8 +6,9 @@
 //
 // Design note. While attached, every field below is touched only by the IOThread's home
 // thread: the kick handler, the completions, the interrupt BH and the attach/detach BHs all
-// run there. Moving to another IOThread is detach (which ends with the old thread releasing
-// the queue) then attach (a BH on the new thread), so the queue has one owner at a time.
+// run there. Only QueueBinding moves a queue between threads: the old thread detaches it,
+// and the last thing it does with the queue is to call the detach's continuation, which
+// schedules the attach on the new thread; so the queue has one owner at a time.
 // Requests are tracked per descriptor head in preallocated slots: each slot has its
 // completion closure, its timer and an iovec array that grows only when a chain needs more
 // pieces than it ever needed before, so the steady state allocates nothing per request.
@@ -52,10 +53,10 @@ public final class QueueStatistics: Sendable {
 
 /// One virtqueue of a virtio-blk device, processed on the IOThread it is attached to.
 ///
-/// `@unchecked Sendable`: confined to the home thread of the IOThread it is attached to
-/// (see the design note); handed between IOThreads by detach/attach, which order the
-/// hand-over (the old thread's last write happens before the continuation resumes, which
-/// happens before the new thread's attach BH is scheduled).
+/// `@unchecked Sendable`: confined to the home thread of the context it is attached to (see
+/// the design note); handed between contexts only by ``QueueBinding``, which orders the
+/// hand-over (the old thread's last access happens before it schedules the new thread's
+/// attach BH).
 public final class DeviceQueue: @unchecked Sendable {
     struct Request {
         var type: UInt32 = 0
@@ -191,12 +192,6 @@ public final class DeviceQueue: @unchecked Sendable {
             timers: timers)
     }
 
-    /// Registers the kick handler on `ctx` and processes the queue once. Home thread of `ctx`.
-    public func attachOnHomeThread(_ ctx: AioContext) {
-        register(prepareAttach(ctx))
-        process()  // a request may have been queued (and kicked) before the handler existed
-    }
-
     /// The attach without its first pass over the queue: from here on the IOThread takes
     /// the queue's requests (a move's pause ends here).
     func register(_ prepared: AttachPreparation) {
@@ -233,8 +228,9 @@ public final class DeviceQueue: @unchecked Sendable {
     }
 
     /// Stops taking requests; calls `done` on this thread once every request already taken
-    /// has completed and its completion is visible to the guest. Home thread.
-    public func detachOnHomeThread(_ done: @escaping () -> Void) {
+    /// has completed and its completion is visible to the guest. Home thread. `done` is the
+    /// last thing this thread does with the queue: it may hand it to another thread.
+    func detachOnHomeThread(_ done: @escaping () -> Void) {
         accepting = false
         let ctx = context!
         ctx.removeEventNotifier(kick)  // applied at once: we are on the home thread
@@ -246,6 +242,8 @@ public final class DeviceQueue: @unchecked Sendable {
         if inFlight == 0 { finishDetach() }
     }
 
+    /// The drain is over: the last interrupt goes out, then the queue lets go of this
+    /// context, and hands itself over last. Callers do nothing with the queue afterwards.
     func finishDetach() {
         flushInterrupt()  // the last completions' interrupt goes out before we let go
         let oldBH = irqBH, oldTimers = timers
@@ -539,6 +537,17 @@ public final class DeviceQueue: @unchecked Sendable {
     }
 
     func backendCompleted(head: Int, result: Int32) {
+        guard finishRequest(head: head, result: result) else { return }
+        // Completions of one iteration share one interrupt (the BH runs after them).
+        if pendingInterrupt { irqBH?.schedule() }
+        // Last: a detach waiting for this completion hands the queue to its next owner, and
+        // from then on this thread must not touch it.
+        if !accepting && inFlight == 0 && drained != nil { finishDetach() }
+    }
+
+    /// Completes the request at `head` from its backend result, or resubmits it (a fallback or
+    /// the fdatasync of a write-through write); returns whether it completed.
+    func finishRequest(head: Int, result: Int32) -> Bool {
         let req = slots[head]
         let isFile: Bool
         if case .file = backend.backend { isFile = true } else { isFile = false }
@@ -549,7 +558,7 @@ public final class DeviceQueue: @unchecked Sendable {
                 context!.submit(.fallocate(fd: backend.fileDescriptor, mode: VirtioBlk.fallocPunchHole | VirtioBlk.fallocKeepSize,
                                            offset: req.sector &* VirtioBlk.sectorSize,
                                            length: req.extentSectors &* VirtioBlk.sectorSize), to: completionTarget!, tag: UInt32(head))
-                return
+                return false
             }
             slots[head].punching = false
             // A discard is a hint: a file system without holes has done nothing wrong.
@@ -564,12 +573,11 @@ public final class DeviceQueue: @unchecked Sendable {
         } else if isFile && req.type == VirtioBlk.typeOut && writeThrough {
             slots[head].syncing = true
             context!.submit(.fsync(fd: backend.fileDescriptor, dataOnly: true), to: completionTarget!, tag: UInt32(head))
-            return
+            return false
         } else {
             complete(head: head, status: VirtioBlk.statusOK, written: req.type == VirtioBlk.typeIn ? UInt32(req.dataLen) : 0)
         }
-        // Completions of one iteration share one interrupt (the BH runs after them).
-        if pendingInterrupt { irqBH?.schedule() }
+        return true
     }
 
     /// Writes the status, pushes the used entry and publishes it.
@@ -584,7 +592,6 @@ public final class DeviceQueue: @unchecked Sendable {
         statistics._inFlight.store(inFlight, ordering: .relaxed)
         statistics._completions.add(1, ordering: .relaxed)
         pendingInterrupt = true
-        if !accepting && inFlight == 0 && drained != nil { finishDetach() }
     }
 
     /// Signals the guest unless it asked not to be interrupted (it polls the used ring).

@@ -10,13 +10,26 @@ public struct IOThreadVQMappingEntry: Sendable, Equatable {
     }
 }
 
+/// A resolved `iothread-vq-mapping`: where each queue runs, and every IOThread the mapping
+/// names (each is held, also one that serves no queue, as QEMU references every entry).
+public struct IOThreadVQMapping {
+    /// The IOThread of each queue.
+    public let queues: [IOThread]
+    /// The IOThread of each entry, in list order.
+    public let iothreads: [IOThread]
+
+    public init(queues: [IOThread], iothreads: [IOThread]) {
+        self.queues = queues
+        self.iothreads = iothreads
+    }
+}
+
 /// QEMU's `iothread-vq-mapping` (hw/virtio/iothread-vq-mapping.c): validation with its
 /// exact messages, then either the explicit assignment or round robin (entry k of K gets
 /// queues k, k+K, k+2K, …).
-/// - Returns: the IOThread of each queue.
 public func resolveIOThreadVQMapping(
     _ entries: [IOThreadVQMappingEntry], numQueues: Int, lookup: (String) -> IOThread?
-) throws(DeviceError) -> [IOThread] {
+) throws(DeviceError) -> IOThreadVQMapping {
     var threads: [IOThread] = []
     var names: Set<String> = []
     for e in entries {
@@ -50,5 +63,5 @@ public func resolveIOThreadVQMapping(
             throw DeviceError("missing vq \(missing) IOThread assignment in iothread-vq-mapping")
         }
     }
-    return assigned.map { $0! }
+    return IOThreadVQMapping(queues: assigned.map { $0! }, iothreads: threads)
 }

@@ -1,13 +1,17 @@
 // A virtio-blk-like device: queues in guest memory, attached to IOThreads.
 //
-// Attach: take a hold on each IOThread used, then on each queue's IOThread register the kick
-// handler, enable kicks and process the queue once. Detach: on each queue's IOThread stop
-// taking requests (remove the kick handler, consume a raced kick), wait until every request
-// already taken has completed and its completion is visible to the guest, then release the
-// holds. Requests not yet taken stay in the avail ring: re-attaching resumes from there.
-// Move: hold the new IOThreads, then each queue detaches on its IOThread and, from there,
-// schedules its own attach on the new one (no task switch inside the pause); then release
-// the IOThreads no queue uses any more.
+// Lifecycle (under one lock): detached -> attaching -> attached -> moving -> attached ...
+// -> detaching -> detached. One operation at a time: a call that finds the device in a
+// state it cannot start from throws a DeviceError and changes nothing, so any number of
+// tasks and threads may race attach, move and detach.
+// - attach: holds every IOThread of the placement (synchronously, before any work is
+//   scheduled there), then starts each queue on its IOThread (QueueBinding.relocate).
+// - move: holds the new IOThreads, relocates each queue from its IOThread to the new one
+//   (the old one drains, then hands the queue over itself: no task switch inside the
+//   pause), then releases the IOThreads no queue or mapping entry uses any more.
+// - detach: relocates each queue to nowhere (no new requests; those taken complete and are
+//   visible to the guest), then releases every hold. Requests not yet taken stay in the
+//   avail ring: re-attaching resumes from there.
 import Aio
 import CShims
 import Glibc
@@ -16,15 +20,19 @@ import Synchronization
 
 /// A virtio-blk-like device with one or more virtqueues.
 ///
-/// `@unchecked Sendable`: `phase` and `holds` are behind `lifecycle`; each queue is confined
-/// to the IOThread it is attached to (see DeviceQueue); the rest is immutable.
+/// `@unchecked Sendable`: `phase` and `mapping` are behind `lifecycle`; the queue bindings are
+/// driven only by the one operation the lifecycle lets run (attach, move or detach); each
+/// queue is confined to the context it runs on (see ``QueueBinding``); the rest is
+/// immutable.
 public final class VirtioBlkDevice: @unchecked Sendable {
     public enum Phase: Sendable, Equatable { case detached, attaching, attached, detaching, moving }
 
     /// The device id (`-device virtio-blk,id=…`).
     public let id: String
-    /// The holder path it registers on IOThreads.
-    public var holderPath: String { "/machine/peripheral/\(id)" }
+    /// Who holds its IOThreads (by default the QOM path `/machine/peripheral/ID`).
+    public let holder: IOThreadHolder
+    /// The holder's path or name.
+    public var holderPath: String { holder.name }
     public let backend: BlockBackend
     public let memory: GuestMemory
     /// The layout of each queue in guest memory, for the guest side.
@@ -32,22 +40,16 @@ public final class VirtioBlkDevice: @unchecked Sendable {
     /// Guest memory after the rings, free for request buffers.
     public let freeMemoryStart: UInt64
     let queues: [DeviceQueue]
+    let bindings: [QueueBinding]
     let opened: OpenBlockBackend
+    let holds: IOThreadHoldSet
 
     struct Lifecycle {
         var phase: Phase = .detached
-        var mapping: [IOThread] = []  // per queue
-        var holds: [HoldBox] = []
-        var heldThreads: [ObjectIdentifier] = []  // holds[i] is on heldThreads[i]
-    }
-
-    /// A hold in a box: arrays need copyable elements, a hold is ~Copyable.
-    final class HoldBox: @unchecked Sendable {  // released once, by the detaching task
-        var hold: IOThreadHold?
-        init(_ hold: consuming IOThreadHold) { self.hold = consume hold }
-        func release() {
-            if let h = hold.take() { h.release() }
-        }
+        /// The IOThread of each queue (empty when detached).
+        var mapping: [IOThread] = []
+        /// Every IOThread the placement names, also those that serve no queue.
+        var placement: [IOThread] = []
     }
     let lifecycle = Locked(Lifecycle())
 
@@ -59,8 +61,9 @@ public final class VirtioBlkDevice: @unchecked Sendable {
     ///   - queueSize: entries per queue (a power of two).
     ///   - bufferBytes: guest memory to leave after the rings for request buffers (default:
     ///     what ``GuestQueue`` needs for every queue).
+    ///   - holder: who holds the IOThreads (default: the QOM path `/machine/peripheral/ID`).
     public init(id: String, queues queueCount: Int = 1, queueSize: Int = 256, backend: BlockBackend = .null,
-                bufferBytes: Int? = nil) throws(DeviceError) {
+                bufferBytes: Int? = nil, holder: IOThreadHolder? = nil) throws(DeviceError) {
         guard isWellFormedObjectID(id) else { throw DeviceError("Parameter 'id' expects an identifier") }
         guard queueCount >= 1 && queueCount <= VirtioBlkDevice.maxQueues else {
             throw DeviceError("num-queues must be in [1, \(VirtioBlkDevice.maxQueues)]")
@@ -69,6 +72,8 @@ public final class VirtioBlkDevice: @unchecked Sendable {
             throw DeviceError("queue-size must be a power of 2 in [4, 32768]")
         }
         self.id = id
+        self.holder = holder ?? .qomObject(path: "/machine/peripheral/\(id)")
+        holds = IOThreadHoldSet(holder: self.holder)
         self.backend = backend
         var layouts: [SplitRingLayout] = []
         var end: UInt64 = 0
@@ -94,6 +99,7 @@ public final class VirtioBlkDevice: @unchecked Sendable {
             }
         }
         queues = qs
+        bindings = qs.map(QueueBinding.init)
     }
 
     deinit {
@@ -114,63 +120,61 @@ public final class VirtioBlkDevice: @unchecked Sendable {
     /// The IOThread each queue is attached to (empty when detached).
     public var iothreads: [IOThread] { lifecycle.withLock { $0.mapping } }
 
+    /// Every IOThread the device holds: each queue's, and the mapping entries that serve no
+    /// queue (empty when detached).
+    public var heldIOThreads: [IOThread] { holds.threads }
+
     /// Attaches every queue to `iothread`.
     public func attach(to iothread: IOThread) async throws(DeviceError) {
         try await attach(mapping: Array(repeating: iothread, count: queues.count))
     }
 
-    /// Attaches queue k to `mapping[k]`; each distinct IOThread is held once by this device.
-    /// - Throws: ``DeviceError`` when the device is not detached or the mapping has the
-    ///   wrong length.
-    public func attach(mapping: [IOThread]) async throws(DeviceError) {
-        guard mapping.count == queues.count else {
-            throw DeviceError("device '\(id)' has \(queues.count) queues, mapping has \(mapping.count)")
+    /// Attaches queue k to `mapping[k]`; each distinct IOThread, and each of `placement`
+    /// (the entries of an `iothread-vq-mapping`, also those that serve no queue), is held
+    /// once by this device.
+    /// - Throws: ``DeviceError`` when the device is not detached, the mapping has the wrong
+    ///   length, or an IOThread is stopped (nothing is held then).
+    public func attach(mapping: [IOThread], placement: [IOThread] = []) async throws(DeviceError) {
+        try checkLength(mapping)
+        try begin(.attaching, from: .detached, otherwise: "device '\(id)' is already attached")
+        do {
+            try holds.hold(placement + mapping)
+        } catch {
+            lifecycle.withLock { $0.phase = .detached }
+            throw DeviceError(error.message)
         }
-        try lifecycle.withLock { s throws(DeviceError) in
-            guard s.phase == .detached else { throw DeviceError("device '\(id)' is already attached") }
-            s.phase = .attaching
-            s.mapping = mapping
-            for t in mapping where !s.heldThreads.contains(ObjectIdentifier(t)) {
-                s.heldThreads.append(ObjectIdentifier(t))
-                s.holds.append(HoldBox(t.hold(holderPath)))
-            }
+        let contexts = mapping.map { holds.context(of: $0) }
+        _ = await QueueBinding.relocate(Array(zip(bindings, contexts.map(Optional.some))))
+        lifecycle.withLock {
+            $0.phase = .attached
+            $0.mapping = mapping
+            $0.placement = placement
         }
-        for (q, t) in zip(queues, mapping) {
-            let ctx = t.context!
-            await onHomeThread(ctx) { q.attachOnHomeThread(ctx) }
-        }
-        lifecycle.withLock { $0.phase = .attached }
+    }
+
+    /// Attaches as an `iothread-vq-mapping` says: each queue to its IOThread, every entry held.
+    public func attach(_ mapping: IOThreadVQMapping) async throws(DeviceError) {
+        try await attach(mapping: mapping.queues, placement: mapping.iothreads)
     }
 
     /// Detaches: no new requests are taken; returns once every request already taken has
     /// completed and its completion is visible to the guest; then releases the holds.
     /// Never blocks a thread, so it may be awaited from a task running on the device's own
     /// IOThread.
-    /// - Throws: ``DeviceError`` when the device is not attached (detaching twice).
+    /// - Throws: ``DeviceError`` when the device is not attached (detaching twice, or while
+    ///   another operation runs).
     public func detach() async throws(DeviceError) {
-        let mapping = try lifecycle.withLock { s throws(DeviceError) -> [IOThread] in
-            guard s.phase == .attached else { throw DeviceError("device '\(id)' is not attached") }
-            s.phase = .detaching
-            return s.mapping
+        try begin(.detaching, from: .attached, otherwise: "device '\(id)' is not attached")
+        _ = await QueueBinding.relocate(bindings.map { ($0, nil) })
+        holds.release()
+        lifecycle.withLock {
+            $0.phase = .detached
+            $0.mapping = []
+            $0.placement = []
         }
-        for (q, t) in zip(queues, mapping) {
-            let ctx = t.context!
-            await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-                ctx.scheduleOneShot(name: "detach") { q.detachOnHomeThread { done.resume() } }
-            }
-        }
-        let holds = lifecycle.withLock { s -> [HoldBox] in
-            s.phase = .detached
-            s.mapping = []
-            let h = s.holds
-            s.holds = []
-            s.heldThreads = []
-            return h
-        }
-        for h in holds { h.release() }
     }
 
-    /// Moves every queue to `iothread` and returns the pause in ns (see ``move(mapping:)``).
+    /// Moves every queue to `iothread` and returns the pause in ns (see ``move(mapping:placement:)``).
     @discardableResult
     public func move(to iothread: IOThread) async throws(DeviceError) -> Int64 {
         try await move(mapping: Array(repeating: iothread, count: queues.count))
@@ -182,67 +186,49 @@ public final class VirtioBlkDevice: @unchecked Sendable {
     /// Each queue hands itself over: its IOThread stops taking requests, waits for those
     /// already taken to complete (as ``detach()`` does), and then schedules the attach on
     /// the new IOThread itself, so no task switch lies inside the pause. The new IOThreads
-    /// are held before the first queue stops; an old one is released after the last queue
-    /// has left it.
-    /// - Throws: ``DeviceError`` when the device is not attached or the mapping has the
-    ///   wrong length.
+    /// (and `placement`) are held before the first queue stops; an old one is released after
+    /// the last queue has left it.
+    /// - Throws: ``DeviceError`` when the device is not attached, the mapping has the wrong
+    ///   length, or a new IOThread is stopped (the device stays where it was then).
     @discardableResult
-    public func move(mapping: [IOThread]) async throws(DeviceError) -> Int64 {
+    public func move(mapping: [IOThread], placement: [IOThread] = []) async throws(DeviceError) -> Int64 {
+        try checkLength(mapping)
+        try begin(.moving, from: .attached, otherwise: "device '\(id)' is not attached")
+        do {
+            try holds.hold(placement + mapping)
+        } catch {
+            lifecycle.withLock { $0.phase = .attached }
+            throw DeviceError(error.message)
+        }
+        let contexts = mapping.map { holds.context(of: $0) }
+        let moved = await QueueBinding.relocate(Array(zip(bindings, contexts.map(Optional.some))))
+        holds.release(keeping: placement + mapping)
+        lifecycle.withLock {
+            $0.phase = .attached
+            $0.mapping = mapping
+            $0.placement = placement
+        }
+        return moved.map(\.pauseNanoseconds).max() ?? 0
+    }
+
+    func checkLength(_ mapping: [IOThread]) throws(DeviceError) {
         guard mapping.count == queues.count else {
             throw DeviceError("device '\(id)' has \(queues.count) queues, mapping has \(mapping.count)")
         }
-        let old = try lifecycle.withLock { s throws(DeviceError) -> [IOThread] in
-            guard s.phase == .attached else { throw DeviceError("device '\(id)' is not attached") }
-            s.phase = .moving
-            for t in mapping where !s.heldThreads.contains(ObjectIdentifier(t)) {
-                s.heldThreads.append(ObjectIdentifier(t))
-                s.holds.append(HoldBox(t.hold(holderPath)))
-            }
-            return s.mapping
-        }
-        let pauses = Locked([Int64]())
-        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-            let remaining = Atomic<Int>(queues.count)
-            for (k, q) in queues.enumerated() {
-                let from = old[k].context!, to = mapping[k].context!
-                let prepared = q.prepareAttach(to)  // allocations before the pause, not in it
-                from.scheduleOneShot(name: "move") {
-                    let stopped = monotonicNanoseconds()
-                    q.detachOnHomeThread {
-                        to.scheduleOneShot(name: "move") {
-                            q.register(prepared)
-                            let pause = monotonicNanoseconds() - stopped
-                            q.process()  // the requests queued during the pause
-                            pauses.withLock { $0.append(pause) }
-                            // Acquire-release: the last queue's resume sees every pause.
-                            if remaining.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 { done.resume() }
-                        }
-                    }
+    }
+
+    /// The transition that starts an operation: atomic, so one operation runs at a time.
+    func begin(_ next: Phase, from: Phase, otherwise message: String) throws(DeviceError) {
+        try lifecycle.withLock { s throws(DeviceError) in
+            guard s.phase == from else {
+                switch s.phase {
+                case .attaching: throw DeviceError("device '\(id)' is being attached")
+                case .moving: throw DeviceError("device '\(id)' is being moved")
+                case .detaching: throw DeviceError("device '\(id)' is being detached")
+                case .detached, .attached: throw DeviceError(message)
                 }
             }
-        }
-        let released = lifecycle.withLock { s -> [HoldBox] in
-            s.phase = .attached
-            s.mapping = mapping
-            let keep = Set(mapping.map(ObjectIdentifier.init))
-            var gone: [HoldBox] = []
-            for i in s.heldThreads.indices.reversed() where !keep.contains(s.heldThreads[i]) {
-                gone.append(s.holds.remove(at: i))
-                s.heldThreads.remove(at: i)
-            }
-            return gone
-        }
-        for h in released { h.release() }
-        return pauses.withLock { $0.max() ?? 0 }
-    }
-}
-
-/// Runs `body` on `ctx`'s home thread (a one-shot BH) and waits without blocking a thread.
-func onHomeThread(_ ctx: AioContext, _ body: @escaping @Sendable () -> Void) async {
-    await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-        ctx.scheduleOneShot {
-            body()
-            done.resume()
+            s.phase = next
         }
     }
 }

@@ -80,7 +80,7 @@ struct AttachDetachTests {
             let target = i % 2 == 0 ? b : a
             pauses.append(try await dev.move(to: target))
             let other = target === a ? b : a
-            if target.holders != [dev.holderPath] || !other.holders.isEmpty { consistent = false }
+            if target.holders != [dev.holder] || !other.holders.isEmpty { consistent = false }
         }
         guest.finish()
         try await dev.detach()
@@ -93,8 +93,8 @@ struct AttachDetachTests {
         #expect(a.holders.isEmpty && b.holders.isEmpty)
         pauses.sort()
         print("churn \(fdmon) poll-max-ns \(pollMaxNs): \(submitted) requests, pause p50 \(pauses[500]) ns, max \(pauses.last!) ns")
-        a.stop()
-        b.stop()
+        try a.stop()
+        try b.stop()
     }
 
     @Test("detach waits for requests stuck in a delay backend and returns after their completions",
@@ -116,7 +116,7 @@ struct AttachDetachTests {
         #expect(reaped == 5 && statuses.allSatisfy { $0 == VirtioBlk.statusOK })
         #expect(waited >= 10_000_000, "detach waited for the slow requests")
         #expect(t.holders.isEmpty)
-        t.stop()
+        try t.stop()
     }
 
     @Test("requests queued while detached stay in the ring and run after re-attach, once",
@@ -132,7 +132,7 @@ struct AttachDetachTests {
         #expect(ids.sorted() == Array(0..<10))
         #expect(dev.statistics(queue: 0).requests == 10)
         try await dev.detach()
-        t.stop()
+        try t.stop()
     }
 
     @Test("detaching twice is an error; attaching twice is an error", .timeLimit(.minutes(1)))
@@ -145,7 +145,7 @@ struct AttachDetachTests {
         try await dev.detach()
         await #expect(throws: DeviceError("device 'disk0' is not attached")) { try await dev.detach() }
         #expect(t.holders.isEmpty)
-        t.stop()
+        try t.stop()
     }
 
     @Test("detaching from a task running on the device's own IOThread does not deadlock",
@@ -166,7 +166,7 @@ struct AttachDetachTests {
         #expect(onThread)
         #expect(dev.phase == .detached)
         #expect(guest.ring.usedIdx == 1)
-        t.stop()
+        try t.stop()
     }
 
     @Test("a move waits for the requests in flight, then the new IOThread takes the queue; the pause covers both",
@@ -184,15 +184,15 @@ struct AttachDetachTests {
         #expect(guest.ring.usedIdx == 3)
         #expect(pause >= 10_000_000, "the pause includes the drain of the slow requests")
         #expect(dev.phase == .attached && dev.iothreads.count == 1 && dev.iothreads[0] === b)
-        #expect(a.holders.isEmpty && b.holders == [dev.holderPath])
+        #expect(a.holders.isEmpty && b.holders == [dev.holder])
         for id in 3..<6 { guest.submit(id: UInt64(id)) }
         var ids: [UInt64] = []
         _ = reap(guest, count: 6) { id, _, _, _ in ids.append(id) }
         #expect(ids.sorted() == Array(0..<6))
         try await dev.detach()
         #expect(b.holders.isEmpty)
-        a.stop()
-        b.stop()
+        try a.stop()
+        try b.stop()
     }
 
     @Test("moving a two-queue device between mappings keeps exactly the holds it needs",
@@ -208,8 +208,8 @@ struct AttachDetachTests {
         for mapping in [[a, b], [b, a], [b, b], [a, a], [a, a]] {
             try await dev.move(mapping: mapping)
             #expect(dev.iothreads.map(ObjectIdentifier.init) == mapping.map(ObjectIdentifier.init))
-            #expect(a.holders == (mapping.contains { $0 === a } ? [dev.holderPath] : []))
-            #expect(b.holders == (mapping.contains { $0 === b } ? [dev.holderPath] : []))
+            #expect(a.holders == (mapping.contains { $0 === a } ? [dev.holder] : []))
+            #expect(b.holders == (mapping.contains { $0 === b } ? [dev.holder] : []))
             for (q, g) in guests.enumerated() {
                 g.submit(id: UInt64(q))
                 var ids: [UInt64] = []
@@ -219,8 +219,8 @@ struct AttachDetachTests {
         }
         try await dev.detach()
         #expect(a.holders.isEmpty && b.holders.isEmpty)
-        a.stop()
-        b.stop()
+        try a.stop()
+        try b.stop()
     }
 
     @Test("queues spread over IOThreads: each IOThread holds the device once", .timeLimit(.minutes(1)))
@@ -229,7 +229,7 @@ struct AttachDetachTests {
         let b = try makeIOThread("iothread1", .automatic)
         let dev = try VirtioBlkDevice(id: "disk0", queues: 4, queueSize: 16)
         try await dev.attach(mapping: [a, b, a, b])
-        #expect(a.holders == ["/machine/peripheral/disk0"] && b.holders == ["/machine/peripheral/disk0"])
+        #expect(a.holders.map(\.name) == ["/machine/peripheral/disk0"] && b.holders.map(\.name) == ["/machine/peripheral/disk0"])
         for q in 0..<4 {
             let guest = try GuestQueue(device: dev, queue: q)
             guest.submit(id: UInt64(q))
@@ -239,46 +239,29 @@ struct AttachDetachTests {
         }
         try await dev.detach()
         #expect(a.holders.isEmpty && b.holders.isEmpty)
-        a.stop()
-        b.stop()
+        try a.stop()
+        try b.stop()
     }
 }
 
-@Suite("Holders")
-struct HolderTests {
-    @Test("holds are listed, released by consuming, and block deletion from the registry")
-    func holdsAndRegistry() throws {
-        let r = IOThreadRegistry()
-        let t = try r.create(id: "iot0")
-        let h1 = t.hold("/machine/peripheral/disk0")
-        let h2 = t.hold("export0")
-        #expect(t.holders == ["/machine/peripheral/disk0", "export0"])
-        #expect(h1.context === t.context)
-        #expect(throws: IOThreadError(.inUse, "object 'iot0' is in use, can not be deleted")) { try r.remove("iot0") }
-        h1.release()
-        #expect(t.holders == ["export0"])
-        h2.release()
-        try r.remove("iot0")
-    }
-
-    @Test("releasing a holder that does not hold crashes with a message")
-    func unknownHolder() async {
-        let result = await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
-            let t = try! IOThread(id: "iot0")
-            t.unref(holder: "/machine/peripheral/ghost")
+@Suite("Stopping a held IOThread")
+struct StopHeldTests {
+    @Test("stopping an IOThread a device holds is refused, and the device's detach then finishes",
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
+    func stopHeldThenDetach(_ fdmon: AioContext.Backend) async throws {
+        let t = try makeIOThread("iot0", fdmon)
+        let dev = try VirtioBlkDevice(id: "d0")
+        try await dev.attach(to: t)
+        #expect(throws: IOThreadError(.inUse, "IOThread 'iot0' is held by [\"/machine/peripheral/d0\"]; release its holds before stopping it")) {
+            try t.stop()
         }
-        let stderr = String(decoding: result?.standardErrorContent ?? [], as: UTF8.self)
-        #expect(stderr.contains("BUG DETECTED: holder '/machine/peripheral/ghost' released IOThread 'iot0' without holding it"))
-    }
-
-    @Test("destroying an IOThread that still has holders crashes with a message")
-    func destroyedWhileHeld() async {
-        let result = await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
-            var t: IOThread? = try! IOThread(id: "iot0")
-            _ = t!.hold("/machine/peripheral/disk0")  // dropped without release
-            t = nil
-        }
-        let stderr = String(decoding: result?.standardErrorContent ?? [], as: UTF8.self)
-        #expect(stderr.contains("BUG DETECTED: IOThread 'iot0' destroyed while held by [\"/machine/peripheral/disk0\"]"))
+        #expect(!t.isStopped)
+        try await dev.detach()
+        #expect(t.holders.isEmpty)
+        try t.stop()
+        #expect(t.isStopped)
+        // A stopped IOThread cannot be held again: the attach fails and holds nothing.
+        await #expect(throws: DeviceError("IOThread 'iot0' is stopped or being stopped")) { try await dev.attach(to: t) }
+        #expect(dev.phase == .detached && t.holders.isEmpty)
     }
 }

@@ -44,7 +44,7 @@ struct BackendTests {
         #expect(statuses == [VirtioBlk.statusOK])
         #expect(guest.unexpectedCompletions == 0)
         try await dev.detach()
-        t.stop()
+        try t.stop()
     }
 
     @Test("the file backend writes a pattern and reads it back", .timeLimit(.minutes(1)),
@@ -86,7 +86,7 @@ struct BackendTests {
         }
         #expect(ok == sectors.count)
         try await dev.detach()
-        t.stop()
+        try t.stop()
     }
 
     @Test("GET_ID returns the device id; an unknown type gets UNSUPP", .timeLimit(.minutes(1)))
@@ -105,7 +105,7 @@ struct BackendTests {
         #expect(results[1]?.0 == VirtioBlk.statusOK && results[1]?.1 == "disk7")
         #expect(results[2]?.0 == VirtioBlk.statusUnsupported)
         try await dev.detach()
-        t.stop()
+        try t.stop()
     }
 
     @Test("a hostile chain (address outside guest memory, loops) is refused and the device keeps working",
@@ -139,7 +139,7 @@ struct BackendTests {
         try await dev.attach(to: t)
         #expect(dev.statistics(queue: 0).inFlight == 0)
         try await dev.detach()
-        t.stop()
+        try t.stop()
     }
 }
 

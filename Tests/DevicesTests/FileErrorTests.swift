@@ -23,6 +23,6 @@ struct FileErrorTests {
         _ = reap(guest, count: 1) { id, s, _, _ in status[id] = s }
         #expect(status[2] == VirtioBlk.statusOK)
         try await dev.detach()
-        t.stop()
+        try t.stop()
     }
 }

@@ -16,14 +16,14 @@ struct VQMappingTests {
     @Test("round robin: entry k gets queues k, k+K, …")
     func roundRobin() throws {
         let m = try resolveIOThreadVQMapping([.init(iothread: "a"), .init(iothread: "b")], numQueues: 5, lookup: lookup)
-        #expect(m.map(\.id) == ["a", "b", "a", "b", "a"])
+        #expect(m.queues.map(\.id) == ["a", "b", "a", "b", "a"])
     }
 
     @Test("explicit vqs are honoured")
     func explicit() throws {
         let m = try resolveIOThreadVQMapping([.init(iothread: "a", vqs: [2]), .init(iothread: "b", vqs: [0, 1])],
                                              numQueues: 3, lookup: lookup)
-        #expect(m.map(\.id) == ["b", "b", "a"])
+        #expect(m.queues.map(\.id) == ["b", "b", "a"])
     }
 
     @Test("QEMU's validation errors, word for word")
