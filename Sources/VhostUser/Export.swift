@@ -3,18 +3,25 @@
 // on several: queue q is served by iothreads[q % n]. The control socket and the session stay
 // on the first IOThread (the home thread below); each queue's kick handler, ring processing,
 // completion I/O and interrupts run on its own IOThread. The export holds every IOThread it
-// uses under its export id.
+// uses (by default as the block node named by its id).
 //
-// Lifecycle. init takes the hold, binds the socket (a stale socket file is replaced) and
-// registers the listener on the IOThread. A front end that connects gets a Session; a second
-// one while the first is connected is accepted and closed at once (QEMU reports the failure
-// instead of hanging, as it does against qemu-storage-daemon 7.2). When the front end goes
-// away, the session drains every queue, unmaps guest memory and closes its fds; only then is
-// the listener re-armed, so a reconnecting front end finds the export as it left it, with every
-// completed write in the backend. delete() stops listening, removes the socket file, ends the
-// session the same way, and releases the hold last: it never blocks a thread, so it may be
-// awaited from a task running on the export's own IOThread (qemu-storage-daemon 7.2
-// deadlocks there).
+// Lifecycle (under `shared`'s lock): serving -> moving -> serving ..., serving -> deleting
+// -> deleted. One operation at a time; a call that finds the export in a state it cannot
+// start from throws an ExportError and changes nothing.
+// - init takes the holds (synchronously), binds the socket (a stale socket file is replaced)
+//   and registers the listener on the home IOThread. A front end that connects gets a
+//   Session; a second one while the first is connected is accepted and closed at once (QEMU
+//   reports the failure instead of hanging, as it does against qemu-storage-daemon 7.2).
+//   When the front end goes away, the session drains every queue, unmaps guest memory and
+//   closes its fds; only then is the listener re-armed, so a reconnecting front end finds the
+//   export as it left it, with every completed write in the backend.
+// - move(to:) holds the new IOThreads, then on the home thread stops listening and moves the
+//   session (every ring quiesced, the session handed to the new home by the old one's last
+//   BH, the rings restarted on their new IOThreads), listens on the new home, and releases
+//   the IOThreads no longer used. The front end stays connected.
+// - delete() stops listening, removes the socket file, ends the session the same way, and
+//   releases the holds last: it never blocks a thread, so it may be awaited from a task
+//   running on the export's own IOThread (qemu-storage-daemon 7.2 deadlocks there).
 import Aio
 import CShims
 import Devices
@@ -31,50 +38,58 @@ public struct ExportError: Error, Sendable, Equatable, CustomStringConvertible {
 /// A vhost-user-blk export (qemu-storage-daemon's `--export type=vhost-user-blk`).
 ///
 /// `@unchecked Sendable`: the immutable properties are set in init; `shared` is behind its
-/// mutex; `session`, `listenFD` and `deleting` are confined to the first IOThread's home
-/// thread (every closure that touches them is registered on or scheduled to that context);
-/// `holds` are taken in init and released once, by `delete`, after every queue has drained
-/// on its own IOThread and the home thread has let go.
+/// mutex; `session`, `listenFD`, `deleting`, `ctx` and `queueContexts` are confined to the
+/// home IOThread's thread (every closure that touches them is registered on or scheduled to
+/// that context; a move hands them to the new home with the session); `holds` is thread-safe
+/// and released by `delete` after every queue has drained on its own IOThread and the home
+/// thread has let go.
 public final class Export: @unchecked Sendable {
-    /// The export id (`block-export-add id=`); also the holder name on the IOThread.
+    /// The export id (`block-export-add id=`).
     public let id: String
+    /// Who holds the IOThreads (by default the block node named by the export's id).
+    public let holder: IOThreadHolder
     public let socketPath: String
     /// The first IOThread: runs the control socket (and the queues it serves).
     public var iothread: IOThread { iothreads[0] }
-    /// The IOThreads as given; queue q runs on `iothreads[q % iothreads.count]`.
-    public let iothreads: [IOThread]
+    /// The IOThreads; queue q runs on `iothreads[q % iothreads.count]`.
+    public var iothreads: [IOThread] { shared.withLock { $0.iothreads } }
     public let numQueues: Int
     public let writable: Bool
     public let logicalBlockSize: Int
     /// The serial GET_ID returns (qemu-storage-daemon's).
     public let serial = "vhost_user_blk"
     let backend: OpenBlockBackend
-    let ctx: AioContext
-    /// The context of each queue (`iothreads[q % n]`'s).
-    let queueContexts: [AioContext]
+    /// The home context (the first IOThread's). Home thread (see above).
+    var ctx: AioContext
+    /// The context of each queue (`iothreads[q % n]`'s). Home thread.
+    var queueContexts: [AioContext]
+    let holds: IOThreadHoldSet
     let description: BlkDeviceDescription
     let log: (@Sendable (String) -> Void)?
 
+    /// serving -> moving -> serving, serving -> deleting -> deleted.
+    public enum Phase: Sendable, Equatable { case serving, moving, deleting, deleted }
+
     struct Shared {
-        /// One per distinct IOThread.
-        var holds: [IOThreadHoldBox] = []
+        var phase = Phase.serving
+        var iothreads: [IOThread]
         var connected = false
         var connections = 0
         var refused = 0
         var errors: [String] = []
         var queues: [QueueStatistics?] = []
-        var shuttingDown = false
-        var deleted = false
     }
     let shared: Locked<Shared>
 
     // Home-thread state.
     var listenFD: Int32 = -1
     var session: Session?
-    var deleting: (() -> Void)?
+    /// Run once the session has closed: the end of a delete, or a move waiting for a closing
+    /// session to finish.
+    var afterSession: [() -> Void] = []
 
-    /// The holder name this export uses on each of its IOThreads (the export id).
-    public var holderName: String { id }
+    /// The holder's path or name on each of its IOThreads.
+    public var holderName: String { holder.name }
 
     /// Creates the export and starts listening.
     /// - Parameters:
@@ -82,26 +97,28 @@ public final class Export: @unchecked Sendable {
     ///   - backend: where requests go; `.file(path:direct:)` for a disk image.
     ///   - socketPath: the UNIX socket to listen on (a stale socket file there is replaced).
     ///   - iothreads: the first runs the control socket; queue q (its kick handler, its I/O
-    ///     and its interrupts) runs on `iothreads[q % iothreads.count]`. Each is held as `id`
-    ///     until ``delete()`` returns. A name may repeat (it is held once).
+    ///     and its interrupts) runs on `iothreads[q % iothreads.count]`. Each is held by
+    ///     `holder` until ``delete()`` returns. A name may repeat (it is held once).
     ///   - numQueues: queues offered (GET_QUEUE_NUM, config `num_queues`), 1...256.
     ///   - writable: allow OUT requests; otherwise the device is read-only (VIRTIO_BLK_F_RO).
     ///   - logicalBlockSize: config `blk_size`, a power of 2 in [512, 2 MiB].
     ///   - size: the disk size for a backend without storage (null, nop, delay); ignored for
     ///     files (the file's size is used).
+    ///   - holder: who holds the IOThreads (default: the block node named `id`).
     ///   - log: called on the IOThread with each protocol error and disconnect reason.
-    /// - Throws: ``ExportError`` with qemu-storage-daemon's texts where it has one.
+    /// - Throws: ``ExportError`` with qemu-storage-daemon's texts where it has one, or when an
+    ///   IOThread is stopped (nothing is left behind then).
     public convenience init(id: String, backend: BlockBackend, socketPath: String, iothread: IOThread, numQueues: Int = 1,
                             writable: Bool = false, logicalBlockSize: Int = 512, size: UInt64 = 1 << 30,
-                            log: (@Sendable (String) -> Void)? = nil) throws(ExportError) {
+                            holder: IOThreadHolder? = nil, log: (@Sendable (String) -> Void)? = nil) throws(ExportError) {
         try self.init(id: id, backend: backend, socketPath: socketPath, iothreads: [iothread], numQueues: numQueues,
-                      writable: writable, logicalBlockSize: logicalBlockSize, size: size, log: log)
+                      writable: writable, logicalBlockSize: logicalBlockSize, size: size, holder: holder, log: log)
     }
 
     /// Creates the export on several IOThreads (QEMU 9.0+'s `iothread` list); see above.
     public init(id: String, backend: BlockBackend, socketPath: String, iothreads: [IOThread], numQueues: Int = 1,
                 writable: Bool = false, logicalBlockSize: Int = 512, size: UInt64 = 1 << 30,
-                log: (@Sendable (String) -> Void)? = nil) throws(ExportError) {
+                holder: IOThreadHolder? = nil, log: (@Sendable (String) -> Void)? = nil) throws(ExportError) {
         guard isWellFormedObjectID(id) else { throw ExportError("Invalid block export id") }
         guard numQueues > 0 else { throw ExportError("num-queues must be greater than 0") }
         guard numQueues <= 256 else { throw ExportError("num-queues must be at most 256") }
@@ -112,24 +129,29 @@ public final class Export: @unchecked Sendable {
             throw ExportError("Property \(id).logical-block-size doesn't take value \(logicalBlockSize) (minimum: 512, maximum: 2097152)")
         }
         guard !iothreads.isEmpty else { throw ExportError("iothread list must not be empty") }
-        var contexts: [AioContext] = []
-        for t in iothreads {
-            guard !t.isStopped, let c = t.context else { throw ExportError("iothread \"\(t.id)\" is stopped") }
-            contexts.append(c)
-        }
-        let ctx = contexts[0]
         self.id = id
-        self.socketPath = socketPath
-        self.iothreads = iothreads
+        self.holder = holder ?? .blockNode(name: id)
+        let holds = IOThreadHoldSet(holder: self.holder)
+        self.holds = holds
+        do throws(IOThreadError) {
+            try holds.hold(iothreads)
+        } catch {
+            throw ExportError(error.message)
+        }
+        // From here on, every failure releases the holds (the set must not be dropped holding).
+        var contexts = iothreads.map { holds.context(of: $0) }
+        ctx = contexts[0]
         queueContexts = (0..<numQueues).map { contexts[$0 % contexts.count] }
+        contexts = []
+        self.socketPath = socketPath
         self.numQueues = numQueues
         self.writable = writable
         self.logicalBlockSize = logicalBlockSize
         self.log = log
-        self.ctx = ctx
         do {
             self.backend = try OpenBlockBackend(backend, readOnly: !writable, size: size)
         } catch {
+            holds.release()
             throw ExportError(error.message)
         }
         description = BlkDeviceDescription(capacityBytes: self.backend.sizeBytes ?? size,
@@ -137,17 +159,12 @@ public final class Export: @unchecked Sendable {
                                            readOnly: !writable, writeCache: true)
         let fd = dp_unix_listen(socketPath, 16)
         guard fd >= 0 else {
+            holds.release()
             throw ExportError("Failed to bind socket to \(socketPath): \(String(cString: strerror(-fd)))")
         }
         // Last stored property: from here on deinit runs, and it expects delete().
-        shared = Locked(Shared(queues: [QueueStatistics?](repeating: nil, count: numQueues)))
+        shared = Locked(Shared(iothreads: iothreads, queues: [QueueStatistics?](repeating: nil, count: numQueues)))
         listenFD = fd
-        var boxes: [IOThreadHoldBox] = []
-        var seen: Set<ObjectIdentifier> = []
-        for t in iothreads where seen.insert(ObjectIdentifier(t)).inserted {
-            boxes.append(IOThreadHoldBox(t.hold(id)))
-        }
-        shared.withLock { $0.holds = boxes }
         // Registered from this thread: applied by the IOThread on its next iteration.
         listen()
     }
@@ -157,8 +174,8 @@ public final class Export: @unchecked Sendable {
     }
 
     deinit {
-        let deleted = shared.withLock { $0.deleted }
-        precondition(deleted, "BUG DETECTED: export '\(id)' destroyed without delete()")
+        let phase = shared.withLock { $0.phase }
+        precondition(phase == .deleted, "BUG DETECTED: export '\(id)' destroyed without delete()")
     }
 
     // MARK: - State readable from any thread
@@ -176,7 +193,9 @@ public final class Export: @unchecked Sendable {
     /// Requests taken from the guest and not yet completed, over all queues.
     public var inFlight: Int { shared.withLock { $0.queues.reduce(0) { $0 + ($1?.inFlight ?? 0) } } }
     /// Whether ``delete()`` has completed.
-    public var isDeleted: Bool { shared.withLock { $0.deleted } }
+    public var isDeleted: Bool { shared.withLock { $0.phase == .deleted } }
+    /// Where the export is in its lifecycle.
+    public var phase: Phase { shared.withLock { $0.phase } }
 
     func recordError(_ text: String) {
         shared.withLock {
@@ -224,16 +243,92 @@ public final class Export: @unchecked Sendable {
         if listenFD >= 0 { ctx.removeFdHandler(listenFD) }
     }
 
-    /// The session drained and let go of guest memory: listen again (or finish a delete).
+    /// The session drained and let go of guest memory: listen again (or go on with a delete
+    /// or a move that waited for it).
     func sessionClosed() {
         session = nil
-        if listenFD >= 0 { listen() }
         shared.withLock {
             $0.connected = false
             $0.queues = [QueueStatistics?](repeating: nil, count: numQueues)
         }
-        if let done = deleting {
-            deleting = nil
+        let waiting = afterSession
+        afterSession = []
+        if waiting.isEmpty {
+            if listenFD >= 0 { listen() }
+        } else {
+            for body in waiting { body() }
+        }
+    }
+
+    // MARK: - Move
+
+    /// Moves the export, with its front end connected, to `iothreads` (queue q to
+    /// `iothreads[q % n]`, the control socket to the first): holds them, quiesces every ring
+    /// (the requests taken complete), hands the session to the new home, restarts the rings
+    /// there, and releases the IOThreads no longer used. Returns the pause in ns: from the
+    /// start of the quiesce to the moment the new home reads the socket again.
+    /// - Throws: ``ExportError`` when the export is not serving (being moved, deleted) or an
+    ///   IOThread is stopped; nothing changes then.
+    @discardableResult
+    public func move(to iothreads: [IOThread]) async throws(ExportError) -> Int64 {
+        guard !iothreads.isEmpty else { throw ExportError("iothread list must not be empty") }
+        try shared.withLock { s throws(ExportError) in
+            switch s.phase {
+            case .serving: s.phase = .moving
+            case .moving: throw ExportError("Export '\(id)' is being moved")
+            case .deleting, .deleted: throw ExportError("Export '\(id)' is already shutting down")
+            }
+        }
+        do throws(IOThreadError) {
+            try holds.hold(iothreads)
+        } catch {
+            shared.withLock { $0.phase = .serving }
+            throw ExportError(error.message)
+        }
+        let contexts = iothreads.map { holds.context(of: $0) }
+        let home = contexts[0]
+        let queueContexts = (0..<numQueues).map { contexts[$0 % contexts.count] }
+        let old = ctx  // read before the hand-off: only the home thread writes it, and it is idle for us
+        let began = monotonicNanoseconds()
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            old.scheduleOneShot(name: "\(id)-move") { [self] in
+                moveOnHomeThread(home: home, queueContexts: queueContexts) { done.resume() }
+            }
+        }
+        let pause = monotonicNanoseconds() - began
+        holds.release(keeping: iothreads)
+        shared.withLock {
+            $0.iothreads = iothreads
+            $0.phase = .serving
+        }
+        return pause
+    }
+
+    /// The home thread's part of a move; `done` runs on the new home.
+    func moveOnHomeThread(home: AioContext, queueContexts: [AioContext], _ done: @escaping @Sendable () -> Void) {
+        if let s = session, s.closed {
+            // A front end is going away: move once its session has closed.
+            afterSession.append { [self] in moveOnHomeThread(home: home, queueContexts: queueContexts, done) }
+            return
+        }
+        if listenFD >= 0 { ctx.removeFdHandler(listenFD) }
+        guard let s = session else {
+            ctx = home
+            self.queueContexts = queueContexts
+            home.scheduleOneShot(name: "\(id)-moved") { [self] in
+                if listenFD >= 0 { listen() }
+                done()
+            }
+            return
+        }
+        // While connected nobody is accepted (see acceptAll): the listener comes back with the
+        // session, on the new home.
+        s.move(home: home, queueContexts: queueContexts, handOff: { [self] in
+            ctx = home
+            self.queueContexts = queueContexts
+        }) { [self] in
+            // On the new home, which owns the export's home state from here on.
+            if listenFD >= 0 { listen() }
             done()
         }
     }
@@ -244,26 +339,24 @@ public final class Export: @unchecked Sendable {
     /// end, waits until every request already taken has completed on its queue's IOThread
     /// (and is visible to the guest), unmaps guest memory, then releases every IOThread hold.
     /// Never blocks a thread.
-    /// - Throws: ``ExportError`` (`Export 'ID' is already shutting down`) on a second call.
+    /// - Throws: ``ExportError`` (`Export 'ID' is already shutting down`) on a second call, or
+    ///   while a move runs; nothing changes then.
     public func delete() async throws(ExportError) {
-        let first = shared.withLock { s -> Bool in
-            guard !s.shuttingDown else { return false }
-            s.shuttingDown = true
-            return true
+        try shared.withLock { s throws(ExportError) in
+            switch s.phase {
+            case .serving: s.phase = .deleting
+            case .moving: throw ExportError("Export '\(id)' is being moved")
+            case .deleting, .deleted: throw ExportError("Export '\(id)' is already shutting down")
+            }
         }
-        guard first else { throw ExportError("Export '\(id)' is already shutting down") }
+        let home = ctx  // stable: only a move writes it, and none runs now
         await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-            ctx.scheduleOneShot(name: "export-delete") { [self] in
+            home.scheduleOneShot(name: "export-delete") { [self] in
                 shutdownOnHomeThread { done.resume() }
             }
         }
-        let holds = shared.withLock { s -> [IOThreadHoldBox] in
-            s.deleted = true
-            let h = s.holds
-            s.holds = []
-            return h
-        }
-        for h in holds { h.release() }
+        holds.release()
+        shared.withLock { $0.phase = .deleted }
     }
 
     func shutdownOnHomeThread(_ done: @escaping () -> Void) {
@@ -274,19 +367,7 @@ public final class Export: @unchecked Sendable {
             unlink(socketPath)
         }
         guard let s = session else { return done() }
-        deleting = done  // delete() lets only one caller get here
+        afterSession.append(done)  // delete() lets only one caller get here
         s.disconnect("export deleted")
-    }
-}
-
-/// A hold in a box, so that it can sit in a lock-protected struct (a hold is ~Copyable).
-///
-/// `@unchecked Sendable`: released once, by the task that took it out of the export's state
-/// under the lock.
-final class IOThreadHoldBox: @unchecked Sendable {
-    var hold: IOThreadHold?
-    init(_ hold: consuming IOThreadHold) { self.hold = consume hold }
-    func release() {
-        if let h = hold.take() { h.release() }
     }
 }

@@ -1,29 +1,33 @@
 // One front end's session on an export: the control socket, the negotiated features, the
-// memory table and the per-queue vring state, all confined to the export's IOThread.
+// memory table and the per-queue vring state, all confined to the export's home IOThread.
 //
 // Design note. The socket is read by a non-blocking fd handler that assembles one message at a
 // time (header, then exactly `size` payload bytes, collecting SCM_RIGHTS fds from every read,
-// at most 8), so a front end that sends half a message stalls nobody. A ring is processed by
-// the shared DeviceQueue while it is started (SET_VRING_KICK), enabled (SET_VRING_ENABLE 1)
-// and memory is mapped; it is stopped by detaching the queue, which drains the requests it
-// already took. Every message whose effect must not overlap running requests (GET_VRING_BASE,
-// a different SET_MEM_TABLE, ring reconfiguration of a running queue, RESET_OWNER, and the
-// disconnect itself) goes through one primitive, `quiesce`: stop reading the socket, detach
-// the queues concerned, and only when the last of their requests has completed and is
-// visible in the used ring, apply the change, reply, and read on. So GET_VRING_BASE answers
-// with no request in flight (QEMU 7.2's own daemon does not), and guest memory is unmapped
-// only once nothing points into it.
+// at most 8), so a front end that sends half a message stalls nobody.
 //
-// The one rule that makes it safe: everything here runs on the export's first IOThread (the
-// session's context), so there is no lock; the queues' statistics are the only things other
-// threads read. A queue may run on another IOThread (an export with an `iothread` list): its
-// DeviceQueue is then confined to that IOThread from attach to the end of detach, and the
-// session touches it only through one-shot BHs scheduled there (attach, detach, a new call
-// fd, the write-cache mode); a detach reports back with a BH on the session's context. BHs
-// from one thread to a context run in the order they were scheduled, so a detach never
-// overtakes the attach before it. `quiesce` is unchanged: it waits for those reports, so a
-// reply (GET_VRING_BASE, a new memory table, a disconnect) still goes out only once the
-// queues concerned have no request in flight on their own IOThreads.
+// Each ring has an explicit lifecycle, driven only from the session's thread:
+//   stopped -> starting -> running -> stopping -> stopped   (and starting -> stopping)
+// A ring should run while it is started (SET_VRING_KICK), enabled (SET_VRING_ENABLE 1),
+// memory is mapped, the session is open and no quiesce holds it stopped; `reconcile` moves it
+// towards that, one transition at a time, and again whenever a transition reports back. Its
+// queue moves between threads only through QueueBinding's primitive: starting is a relocation
+// from nowhere to the ring's IOThread, stopping one from there to nowhere (no new request;
+// those taken complete and are visible in the used ring; the last avail index comes back).
+// Both report on the session's thread.
+//
+// Every message whose effect must not overlap running requests (GET_VRING_BASE, a different
+// SET_MEM_TABLE, ring reconfiguration of a running queue, RESET_OWNER, the disconnect itself,
+// and a move of the whole export to other IOThreads) goes through one primitive, `quiesce`:
+// stop reading the socket, hold the rings concerned stopped, and once none of them is
+// running, starting or stopping, apply the change, reply, and read on. Quiesces nest (the
+// socket is read again when the last one ends). So GET_VRING_BASE answers with no request in
+// flight (QEMU 7.2's own daemon does not), and guest memory is unmapped only once nothing
+// points into it.
+//
+// A queue may run on another IOThread than the session (an export with an `iothread` list):
+// the session then touches its DeviceQueue only through QueueBinding (`withQueue` for a new
+// call fd or the write-cache mode). The queues' statistics are the only things other threads
+// read.
 import Aio
 import CShims
 import Devices
@@ -31,9 +35,13 @@ import Glibc
 
 /// The state of one vring as the front end configured it. Home thread.
 final class Vring {
+    /// Where the ring's queue is in its lifecycle (see the design note).
+    enum State { case stopped, starting, running, stopping }
+
     let index: Int
-    /// The context the queue runs on (the session's, or another IOThread's).
-    let queueContext: AioContext
+    /// The context the queue runs on (the session's, or another IOThread's); changed only by
+    /// a move of the export, while the ring is stopped.
+    var queueContext: AioContext
     var size = 0
     var descAddr: UInt64 = 0
     var availAddr: UInt64 = 0
@@ -46,10 +54,12 @@ final class Vring {
     var err: EventNotifier?
     var started = false
     var enabled = false
-    /// The queue while it runs or drains.
-    var queue: DeviceQueue?
-    var draining = false
-    /// Run once the queue has drained (in order).
+    var state = State.stopped
+    /// The queue and where it runs, from the start of `starting` to the end of `stopping`.
+    var binding: QueueBinding?
+    /// Quiesces that hold the ring stopped.
+    var holds = 0
+    /// Run once the ring is stopped (in order).
     var waiters: [() -> Void] = []
 
     init(index: Int, queueContext: AioContext) {
@@ -64,10 +74,10 @@ final class Vring {
     }
 }
 
-/// `@unchecked Sendable`: confined to the export's first IOThread (its closures are registered
-/// on that context and every method runs there). The BHs it schedules on a queue's other
-/// IOThread only carry it through to the BH that comes back; they touch the DeviceQueue, not
-/// the session.
+/// `@unchecked Sendable`: confined to the export's home IOThread (its closures are registered
+/// on that context and every method runs there; a move of the export hands it to the new home
+/// with a BH, as the last thing the old one does). The bodies it passes to QueueBinding run
+/// where a queue lives and touch only that queue.
 final class Session: @unchecked Sendable {
     enum Outcome {
         /// Done; ack if the front end asked (REPLY_ACK).
@@ -82,7 +92,9 @@ final class Session: @unchecked Sendable {
 
     /// Strong: the export drops its session (breaking the cycle) once the session closed.
     let export: Export
-    let ctx: AioContext
+    /// The home context (the export's first IOThread's); changed only by a move, while the
+    /// session is quiesced.
+    var ctx: AioContext
     let fd: Int32
     let description: BlkDeviceDescription
     var writeCache: Bool
@@ -101,8 +113,12 @@ final class Session: @unchecked Sendable {
     // Writing (replies that did not fit in the socket buffer).
     var tx: [UInt8] = []
     var writing = false
-    /// Not reading the socket until a drain finishes.
-    var paused = false
+    /// Quiesces in progress: the socket is not read while there is one.
+    var pauses = 0
+    var paused: Bool { pauses > 0 }
+    /// A move to other IOThreads is in progress; a disconnect meanwhile is deferred.
+    var moving = false
+    var closeAfterMove: String?
     var closed = false
     var onClosed: (() -> Void)?
 
@@ -413,9 +429,9 @@ final class Session: @unchecked Sendable {
                 }
             case .setVringCall:
                 v.call = notifier
-                if let q = v.queue {
+                if let b = v.binding {
                     let call = notifier
-                    onQueueThread(v) { q.setInterrupt(call) }  // signals the new fd once
+                    b.withQueue { $0.setInterrupt(call) }  // signals the new fd once
                 } else {
                     notifier?.set()  // in case of an I/O hang after reconnecting (as libvhost-user)
                 }
@@ -457,7 +473,7 @@ final class Session: @unchecked Sendable {
             writeCache = m.payload[12] == 1
             let writeThrough = !writeCache
             for v in vrings {
-                if let q = v.queue { onQueueThread(v) { q.writeThrough = writeThrough } }
+                v.binding?.withQueue { $0.writeThrough = writeThrough }
             }
             return .ack
         case .none, .setLogBase, .setLogFD, .sendRARP, .netSetMTU, .setSlaveReqFD, .iotlbMsg, .setVringEndian,
@@ -497,18 +513,9 @@ final class Session: @unchecked Sendable {
             throw VhostUserProtocolError("SET_MEM_TABLE: \(error.message)")
         }
         // The mappings stay after the fds close (on return, with the other leftovers).
-        let running = vrings.filter { $0.queue != nil }
+        let running = vrings.filter { $0.state != .stopped }
         quiesce(running) { [self] in
-            memory = newMemory
-            // Re-translate the rings that ran against the new table.
-            for v in running {
-                do throws(VhostUserProtocolError) {
-                    try reconcile(v)
-                } catch {
-                    disconnect(error.message)
-                    return
-                }
-            }
+            memory = newMemory  // the rings that ran restart against the new table on release
             ack(m, 0)
         }
         return .later
@@ -518,27 +525,30 @@ final class Session: @unchecked Sendable {
 
     /// Applies a change to a ring's configuration, stopping it first if it runs.
     func reconfigure(_ v: Vring, _ m: VhostUserMessage, _ change: @escaping () -> Void) -> Outcome {
-        guard v.queue != nil else {
+        guard v.state != .stopped else {
             change()
             do throws(VhostUserProtocolError) { try reconcile(v) } catch { disconnect(error.message) }
             return .ack
         }
         quiesce([v]) { [self] in
             change()
-            do throws(VhostUserProtocolError) { try reconcile(v) } catch {
-                disconnect(error.message)
-                return
-            }
             ack(m, 0)
         }
         return .later
     }
 
-    /// Starts the ring's queue if it should run and does not, or stops it (asynchronously:
-    /// the queue drains) if it runs and should not.
+    /// Whether the ring's queue should run now.
+    func shouldRun(_ v: Vring) -> Bool {
+        v.started && v.enabled && memory != nil && !closed && v.holds == 0
+    }
+
+    /// Moves the ring one transition towards what it should be: starts its queue if it
+    /// should run and is stopped, stops it if it should not and runs or is starting. A ring
+    /// that is stopping, or starting and should run, is left alone: the transition reports
+    /// back and reconciles again.
     func reconcile(_ v: Vring) throws(VhostUserProtocolError) {
-        let shouldRun = v.started && v.enabled && memory != nil && !closed
-        if shouldRun && v.queue == nil {
+        switch (v.state, shouldRun(v)) {
+        case (.stopped, true):
             guard v.size > 0, v.hasAddresses, let kick = v.kick, let memory else {
                 throw VhostUserProtocolError("queue \(v.index) started before its size and addresses were set")
             }
@@ -553,108 +563,138 @@ final class Session: @unchecked Sendable {
             let q = DeviceQueue(index: v.index, ring: ring, memory: memory, backend: export.backend, serial: export.serial,
                                 kick: kick, interrupt: v.call, lastAvail: v.base, usedIdx: ring.usedIdx, name: export.id)
             q.writeThrough = !writeCache
-            v.queue = q
+            let binding = QueueBinding(q)
+            v.binding = binding
+            v.state = .starting
             export.publish(queue: v.index, q.statistics)
-            let qctx = v.queueContext
-            onQueueThread(v) { q.attachOnHomeThread(qctx) }
-        } else if !shouldRun, v.queue != nil, !v.draining {
-            stop(v)
+            // Strong self: the report may be what keeps the session alive until it ran.
+            // The reports run on the session's thread; they name the ring by index (a Vring is
+            // not Sendable) and hold the session strongly until they ran.
+            let index = v.index
+            binding.relocate(to: v.queueContext, reportingOn: ctx) { [self] _ in started(vrings[index]) }
+        case (.running, false), (.starting, false):
+            // A starting queue may be stopped at once: its attach is already scheduled where
+            // the stop will run, after it (QueueBinding).
+            v.state = .stopping
+            let index = v.index
+            v.binding!.relocate(to: nil, reportingOn: ctx) { [self] r in stopped(vrings[index], lastAvail: r.lastAvail) }
+        default:
+            break
         }
     }
 
-    /// Detaches the running queue of `v`; its waiters run once it drained.
-    func stop(_ v: Vring) {
-        guard let q = v.queue, !v.draining else { return }
-        v.draining = true
-        guard v.queueContext !== ctx else {
-            // Strong self: the last waiter may end the session (the export drops it) while
-            // this closure still runs.
-            q.detachOnHomeThread { [self] in stopped(v, lastAvail: q.lastAvail) }
-            return
+    /// The ring's queue runs on its IOThread. Session thread.
+    func started(_ v: Vring) {
+        guard v.state == .starting else { return }  // stopped again meanwhile: `stopped` follows
+        v.state = .running
+        reconcileOrDisconnect(v)  // it may have been disabled, or held, meanwhile
+    }
+
+    /// The ring's queue drained and let go of its IOThread. Session thread.
+    func stopped(_ v: Vring, lastAvail: UInt16) {
+        guard let b = v.binding else { return }
+        v.base = lastAvail
+        v.binding = nil
+        v.state = .stopped
+        export.retire(queue: v.index, b.queue.statistics)
+        let w = v.waiters
+        v.waiters = []
+        for body in w { body() }
+        reconcileOrDisconnect(v)  // it may have been enabled again meanwhile (ENABLE 0 then 1)
+    }
+
+    func reconcileOrDisconnect(_ v: Vring) {
+        do throws(VhostUserProtocolError) { try reconcile(v) } catch { disconnect(error.message) }
+    }
+
+    /// Holds the rings of `rings` stopped and the socket unread, and runs `body` once none of
+    /// them is running, starting or stopping; then lets them go and reads on. Quiesces nest.
+    func quiesce(_ rings: [Vring], _ body: @escaping () -> Void) {
+        hold(rings) { [self] in
+            body()
+            release(rings)
         }
-        // The queue drains on its own IOThread; `lastAvail` is read there, after the last
-        // completion, and handed back with the BH (scheduling orders the two threads).
-        // The closures that run on the queue's IOThread read nothing of the session: only `q`
-        // (theirs until the detach ends) and immutable values captured here.
-        let index = v.index, home = ctx, name = "\(export.id)-q\(v.index)"
-        v.queueContext.scheduleOneShot(name: "\(name)-detach") { [self] in
-            q.detachOnHomeThread { [self] in
-                let base = q.lastAvail
-                home.scheduleOneShot(name: "\(name)-detached") { [self] in
-                    stopped(vrings[index], lastAvail: base)
+    }
+
+    /// The first half of a quiesce: stops reading, holds `rings` stopped, and runs `body`
+    /// once all of them are. The quiesce lasts until `release` (which `body` may leave to
+    /// another thread: a move hands the session over first).
+    func hold(_ rings: [Vring], _ body: @escaping () -> Void) {
+        pause()
+        for v in rings { v.holds += 1 }
+        let busy = rings.filter { $0.state != .stopped }
+        if busy.isEmpty { return body() }
+        final class Countdown { var left: Int; init(_ n: Int) { left = n } }
+        let countdown = Countdown(busy.count)
+        for v in busy {
+            v.waiters.append {
+                countdown.left -= 1
+                if countdown.left == 0 { body() }
+            }
+            reconcileOrDisconnect(v)  // a running or starting ring starts to stop
+        }
+    }
+
+    /// Ends a quiesce: the rings may run again and the socket is read once no quiesce is left.
+    func release(_ rings: [Vring]) {
+        for v in rings { v.holds -= 1 }
+        resume()
+        guard !closed else { return }
+        for v in rings { reconcileOrDisconnect(v) }
+    }
+
+    func pause() {
+        pauses += 1
+        if pauses == 1 && !closed { ctx.removeFdHandler(fd) }
+    }
+
+    func resume() {
+        pauses -= 1
+        guard pauses == 0, !closed else { return }
+        watch()  // level-triggered: a message already waiting is read at once
+    }
+
+    // MARK: - Moving to other IOThreads
+
+    /// Moves the session, and every ring's queue, to `home` and `queueContexts`: quiesces
+    /// every ring, runs `handOff` (still here: the export's own home state moves with it),
+    /// hands the session to `home` (the old home's last act), and there reads on and restarts
+    /// the rings; then calls `done` on `home`. A disconnect meanwhile waits for the move to end.
+    /// Session thread.
+    func move(home: AioContext, queueContexts: [AioContext], handOff: @escaping () -> Void,
+              _ done: @escaping @Sendable () -> Void) {
+        precondition(!closed && !moving, "BUG DETECTED: a closed or moving session was moved")
+        moving = true
+        let rings = vrings
+        hold(rings) { [self] in
+            // Every ring is stopped and the socket's handler is off (pause removed it): nothing
+            // of the session is left on the old home.
+            for v in vrings { v.queueContext = queueContexts[v.index] }
+            ctx = home
+            handOff()
+            home.scheduleOneShot(name: "\(export.id)-moved") { [self] in
+                moving = false
+                release(vrings)
+                done()
+                if let reason = closeAfterMove {
+                    closeAfterMove = nil
+                    disconnect(reason)
                 }
             }
         }
     }
 
-    /// The queue of `v` drained and let go of its IOThread. Session thread.
-    func stopped(_ v: Vring, lastAvail: UInt16) {
-        guard let q = v.queue else { return }
-        v.base = lastAvail
-        v.queue = nil
-        v.draining = false
-        export.retire(queue: v.index, q.statistics)
-        let w = v.waiters
-        v.waiters = []
-        for body in w { body() }
-        // The ring may have been enabled again while it drained (ENABLE 0 then 1).
-        if !closed && !paused {
-            do throws(VhostUserProtocolError) { try reconcile(v) } catch { disconnect(error.message) }
-        }
-    }
-
-    /// Runs `body` where the queue of `v` lives: at once if that is the session's context,
-    /// else in a one-shot BH on the queue's IOThread (in order with the queue's attach and
-    /// detach, which are scheduled the same way). Session thread.
-    func onQueueThread(_ v: Vring, _ body: @escaping @Sendable () -> Void) {
-        if v.queueContext === ctx {
-            body()
-        } else {
-            v.queueContext.scheduleOneShot(name: "\(export.id)-q\(v.index)", body)
-        }
-    }
-
-    /// Stops the queues of `rings` and runs `body` once none of them has a request in flight.
-    /// The socket is not read meanwhile, so no other message overtakes the change.
-    func quiesce(_ rings: [Vring], _ body: @escaping () -> Void) {
-        let busy = rings.filter { $0.queue != nil }
-        if busy.isEmpty {
-            body()
-            return
-        }
-        pause()
-        final class Countdown { var left: Int; init(_ n: Int) { left = n } }
-        let countdown = Countdown(busy.count)
-        for v in busy {
-            v.waiters.append { [self] in
-                countdown.left -= 1
-                guard countdown.left == 0 else { return }
-                body()
-                resume()
-            }
-            stop(v)
-        }
-    }
-
-    func pause() {
-        guard !paused else { return }
-        paused = true
-        if !closed { ctx.removeFdHandler(fd) }
-    }
-
-    func resume() {
-        guard paused else { return }
-        paused = false
-        guard !closed else { return }
-        watch()  // level-triggered: a message already waiting is read at once
-    }
-
     // MARK: - Disconnect
 
     /// Ends the session: stops reading, drains every queue, then unmaps guest memory, closes
-    /// every fd and calls `onClosed`. Idempotent.
+    /// every fd and calls `onClosed`. Idempotent. During a move, it happens once the move
+    /// has ended, on the new home.
     func disconnect(_ reason: String) {
         guard !closed else { return }
+        if moving {
+            if closeAfterMove == nil { closeAfterMove = reason }
+            return
+        }
         export.recordError(reason)
         closed = true
         export.sessionEnding()
@@ -666,23 +706,13 @@ final class Session: @unchecked Sendable {
     }
 
     func quiesceForClose(_ rings: [Vring]) {
-        let busy = rings.filter { $0.queue != nil }
-        let finish = { [self] in
+        // Held for good: the session never reads again.
+        hold(rings) { [self] in
             for v in vrings { v.forgetFDs() }
             memory = nil
             let done = onClosed
             onClosed = nil
             done?()
-        }
-        if busy.isEmpty { return finish() }
-        final class Countdown { var left: Int; init(_ n: Int) { left = n } }
-        let countdown = Countdown(busy.count)
-        for v in busy {
-            v.waiters.append {
-                countdown.left -= 1
-                if countdown.left == 0 { finish() }
-            }
-            stop(v)
         }
     }
 }

@@ -30,7 +30,7 @@ struct Rig {
 
     func finish() async throws {
         try await export.delete()
-        thread.stop()
+        try thread.stop()
     }
 }
 
@@ -43,11 +43,11 @@ func withRig(_ fdmon: AioContext.Backend, queues: Int = 1, writable: Bool = true
         try await body(rig)
     } catch {
         if !rig.export.isDeleted { try? await rig.export.delete() }
-        rig.thread.stop()
+        try rig.thread.stop()
         throw error
     }
     if !rig.export.isDeleted { try await rig.export.delete() }
-    rig.thread.stop()
+    try rig.thread.stop()
 }
 
 /// The features QEMU 7.2 acks for a Linux guest, masked to what we offer.
@@ -59,7 +59,7 @@ struct ExportTests {
           .timeLimit(.minutes(1)), arguments: backendsUnderTest)
     func basicIO(_ fdmon: AioContext.Backend) async throws {
         let rig = try Rig(fdmon)
-        #expect(rig.thread.holders == ["exp0"])
+        #expect(rig.thread.holders == [.blockNode(name: "exp0")])
         let fe = try rig.frontEnd()
         let config = try fe.connect(queues: 1)
         // capacity (512-byte sectors), seg_max, blk_size, wce, num_queues.
@@ -312,14 +312,14 @@ struct ExportTests {
         let g = fe.guests[0]
         for id in 0..<5 { g.submit(id: UInt64(id)) }
         #expect(eventually { rig.export.inFlight == 5 })
-        #expect(rig.thread.holders == ["exp0"])
+        #expect(rig.thread.holders == [.blockNode(name: "exp0")])
         try await rig.export.delete()
         #expect(g.ring.usedIdx == 5, "every request taken completed before delete returned")
         #expect(rig.thread.holders.isEmpty)
         #expect(access(rig.path, F_OK) != 0)
         #expect(fe.closedByPeer())
         await #expect(throws: ExportError("Export 'exp0' is already shutting down")) { try await rig.export.delete() }
-        rig.thread.stop()
+        try rig.thread.stop()
     }
 
     @Test("delete from a task on the export's own IOThread does not deadlock (qemu-storage-daemon 7.2 does)",
@@ -332,7 +332,7 @@ struct ExportTests {
         let export = rig.export
         try await Task(executorPreference: rig.thread) { try await export.delete() }.value
         #expect(rig.thread.holders.isEmpty)
-        rig.thread.stop()
+        try rig.thread.stop()
     }
 
     @Test("disconnect drains and unmaps; a reconnect (QEMU's replay) finds every completed write",

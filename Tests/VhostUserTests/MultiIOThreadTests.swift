@@ -32,7 +32,7 @@ struct TwoThreadRig {
 
     func finish() async throws {
         if !export.isDeleted { try await export.delete() }
-        for t in threads { t.stop() }
+        for t in threads { try t.stop() }
     }
 }
 
@@ -42,7 +42,7 @@ struct MultiIOThreadTests {
           .timeLimit(.minutes(1)), arguments: backendsUnderTest)
     func queuesRunOnTheirIOThreads(_ fdmon: AioContext.Backend) async throws {
         let rig = try TwoThreadRig(fdmon)
-        #expect(rig.threads.map(\.holders) == [["exp0"], ["exp0"]])
+        #expect(rig.threads.map { $0.holders.map(\.name) } == [["exp0"], ["exp0"]])
         let fe = try rig.frontEnd()
         try fe.connect(queues: 2)
         try fe.start(queues: 2, features: linuxFeatures(try fe.getU64(.getFeatures)))
@@ -66,7 +66,7 @@ struct MultiIOThreadTests {
         #expect(try fe.stop(queues: 2) == [4, 4])
         try await rig.export.delete()
         #expect(rig.threads.allSatisfy { $0.holders.isEmpty })
-        for t in rig.threads { t.stop() }
+        for t in rig.threads { try t.stop() }
     }
 
     @Test("delete with requests in flight on both queues drains both IOThreads, then releases both holds",
@@ -79,7 +79,7 @@ struct MultiIOThreadTests {
         let fired = rig.threads.map { $0.statistics.timersFired }
         for q in 0..<2 { for id in 0..<5 { fe.guests[q].submit(id: UInt64(id)) } }
         #expect(eventually { rig.export.queueStatistics(0)?.inFlight == 5 && rig.export.queueStatistics(1)?.inFlight == 5 })
-        #expect(rig.threads.map(\.holders) == [["exp0"], ["exp0"]])
+        #expect(rig.threads.map { $0.holders.map(\.name) } == [["exp0"], ["exp0"]])
         try await rig.export.delete()
         for q in 0..<2 {
             #expect(fe.guests[q].ring.usedIdx == 5, "queue \(q): every request taken completed before delete returned")
@@ -89,7 +89,7 @@ struct MultiIOThreadTests {
         #expect(rig.threads.allSatisfy { $0.holders.isEmpty })
         #expect(access(rig.path, F_OK) != 0)
         #expect(fe.closedByPeer())
-        for t in rig.threads { t.stop() }
+        for t in rig.threads { try t.stop() }
     }
 
     @Test("GET_VRING_BASE of a queue on the second IOThread drains it; the first queue keeps running",
@@ -177,7 +177,7 @@ struct MultiIOThreadTests {
         fe = nil  // the connection closes
         #expect(eventually { !rig.export.isConnected })
         for q in 0..<2 { #expect(guest.guests[q].ring.usedIdx == 4, "queue \(q) drained before the session ended") }
-        #expect(rig.threads.map(\.holders) == [["exp0"], ["exp0"]], "a disconnect keeps the holds")
+        #expect(rig.threads.map { $0.holders.map(\.name) } == [["exp0"], ["exp0"]], "a disconnect keeps the holds")
         // QEMU comes back and resumes both queues on their IOThreads.
         let fe2 = try rig.frontEnd()
         fe2.adoptGuest(guest)
@@ -198,10 +198,81 @@ struct MultiIOThreadTests {
         let t = try makeIOThread("iot0", .automatic)
         let export = try Export(id: "exp0", backend: .null, socketPath: temporarySocketPath("exp0"), iothreads: [t, t],
                                 numQueues: 3)
-        #expect(t.holders == ["exp0"])
+        #expect(t.holders == [.blockNode(name: "exp0")])
         #expect(export.queueContexts.allSatisfy { $0 === t.context })
         try await export.delete()
         #expect(t.holders.isEmpty)
-        t.stop()
+        try t.stop()
+    }
+}
+
+@Suite("vhost-user-blk export moved between IOThreads, front end connected", .serialized)
+struct ExportMoveTests {
+    @Test("a move drains what runs, hands the session and every queue to the new IOThread, and loses nothing",
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
+    func moveWithFrontEndConnected(_ fdmon: AioContext.Backend) async throws {
+        let rig = try TwoThreadRig(fdmon)
+        let third = try makeIOThread("iot2", fdmon)
+        let fe = try rig.frontEnd()
+        try fe.connect(queues: 2)
+        try fe.start(queues: 2, features: linuxFeatures(try fe.getU64(.getFeatures)))
+        /// Writes 4 sectors per queue (numbered from `base`) and checks they all complete.
+        func writeRound(_ base: Int) {
+            for q in 0..<2 {
+                for k in 0..<4 {
+                    let n = base + q * 4 + k
+                    fe.guests[q].submit(id: UInt64(n), type: VirtioBlk.typeOut, sector: UInt64(n * 8)) {
+                        pattern(n).withUnsafeBytes($0.copyMemory)
+                    }
+                }
+                var ok = 0
+                #expect(reap(fe.guests[q], count: 4) { _, s, _, _ in if s == 0 { ok += 1 } } == 4)
+                #expect(ok == 4, "queue \(q), round \(base)")
+            }
+        }
+        writeRound(0)
+        let before = third.statistics.completions
+        try await rig.export.move(to: [third])
+        #expect(rig.threads.allSatisfy { $0.holders.isEmpty }, "the old IOThreads are released")
+        #expect(third.holders == [.blockNode(name: "exp0")])
+        #expect(rig.export.iothreads.map(\.id) == ["iot2"] && rig.export.isConnected)
+        writeRound(8)
+        #expect(third.statistics.completions - before >= 8, "both queues' I/O now completes on iot2")
+        // Back to the two IOThreads, then a control message that needs the session's thread.
+        try await rig.export.move(to: rig.threads)
+        #expect(third.holders.isEmpty && rig.threads.allSatisfy { $0.holders == [.blockNode(name: "exp0")] })
+        writeRound(16)
+        for n in 0..<24 { #expect(rig.disk.read(at: n * 8 * 512, count: 4096) == pattern(n), "sector group \(n)") }
+        #expect(try fe.stop(queues: 2) == [12, 12])
+        try await rig.finish()
+        try third.stop()
+    }
+
+    @Test("requests in flight during a move complete before it returns; a move and a delete exclude each other",
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
+    func moveDrainsInFlight(_ fdmon: AioContext.Backend) async throws {
+        let rig = try TwoThreadRig(fdmon, backend: .delay(nanoseconds: 30_000_000))
+        let third = try makeIOThread("iot2", fdmon)
+        let fe = try rig.frontEnd()
+        try fe.connect(queues: 2)
+        try fe.start(queues: 2, features: linuxFeatures(try fe.getU64(.getFeatures)))
+        for q in 0..<2 { for id in 0..<3 { fe.guests[q].submit(id: UInt64(id)) } }
+        #expect(eventually { rig.export.queueStatistics(0)?.inFlight == 3 && rig.export.queueStatistics(1)?.inFlight == 3 })
+        let pause = try await rig.export.move(to: [third])
+        for q in 0..<2 { #expect(fe.guests[q].ring.usedIdx == 3, "queue \(q) drained by the move") }
+        #expect(pause >= 10_000_000, "the pause covers the drain")
+        // Requests made after the move run on iot2.
+        for q in 0..<2 { fe.guests[q].submit(id: 9) }
+        for q in 0..<2 { #expect(reap(fe.guests[q], count: 4) { _, _, _, _ in } == 4) }
+        // A stopped IOThread cannot be a destination: nothing changes.
+        let gone = try makeIOThread("gone", fdmon)
+        try gone.stop()
+        await #expect(throws: ExportError("IOThread 'gone' is stopped or being stopped")) { try await rig.export.move(to: [gone]) }
+        #expect(third.holders == [.blockNode(name: "exp0")] && rig.export.phase == .serving)
+        try await rig.export.delete()
+        await #expect(throws: ExportError("Export 'exp0' is already shutting down")) { try await rig.export.move(to: [third]) }
+        #expect(third.holders.isEmpty)
+        try await rig.finish()
+        try third.stop()
     }
 }
