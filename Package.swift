@@ -15,6 +15,7 @@ let package = Package(
         .library(name: "Devices", targets: ["Devices"]),
         .library(name: "LoadGen", targets: ["LoadGen"]),
         .library(name: "VhostUser", targets: ["VhostUser"]),
+        .library(name: "QMP", targets: ["QMP"]),
         .executable(name: "dataplane", targets: ["dataplane"]),
     ],
     dependencies: [

@@ -1,8 +1,14 @@
 // qemu-storage-daemon's block commands over the monitor: blockdev-add / blockdev-del for the
 // node kinds an export needs (file, raw over file, null-co), block-export-add /
-// block-export-del / query-block-exports for vhost-user-blk, and the BLOCK_EXPORT_DELETED
-// event, with qemu-storage-daemon 7.2's argument names, defaults and error texts (reference
-// vhost-user-blk.md 5.3, 5.4). Main loop thread only, like the rest of the monitor.
+// block-export-del / query-block-exports for vhost-user-blk, the BLOCK_EXPORT_DELETED event,
+// with qemu-storage-daemon 7.2's argument names, defaults and error texts (reference
+// vhost-user-blk.md 5.3, 5.4); and QEMU's x-blockdev-set-iothread, which moves a node, and
+// with it the exports on it (front ends connected), to another IOThread. Monitor thread.
+//
+// An export's lifecycle in the monitor: serving -> moving -> serving ..., serving ->
+// deleting -> gone; moving and deleting last only as long as their command. An export holds
+// its IOThreads as the block node it exports; a node placed on an IOThread by
+// x-blockdev-set-iothread holds it too, as itself.
 import Aio
 import Devices
 import Glibc
@@ -10,7 +16,7 @@ import IOThreads
 import VhostUser
 
 /// A block node (`blockdev-add`).
-struct BlockNode {
+final class BlockNode {
     enum Kind {
         case file(path: String, direct: Bool)
         case raw(file: String)
@@ -19,16 +25,28 @@ struct BlockNode {
     let name: String
     let kind: Kind
     let readOnly: Bool
+    /// The IOThread x-blockdev-set-iothread placed the node on (nil: the main loop).
+    var placement: IOThread?
+    let holds: IOThreadHoldSet
+    init(name: String, kind: Kind, readOnly: Bool) {
+        self.name = name
+        self.kind = kind
+        self.readOnly = readOnly
+        holds = IOThreadHoldSet(holder: .blockNode(name: name))
+    }
 }
 
 /// An export and what the monitor keeps about it.
-final class ExportEntry {
+///
+/// `@unchecked Sendable`: confined to the monitor's thread (carried through its tasks).
+final class ExportEntry: @unchecked Sendable {
+    enum State: Equatable { case serving, moving, deleting }
     let export: Export
     let nodeName: String
-    /// An IOThread the monitor made because `iothread` was not given (the export then runs
-    /// on its own thread instead of the main loop); stopped when the export goes.
-    let privateThread: IOThread?
-    var shuttingDown = false
+    /// An IOThread the monitor made because none was named (the export then runs on a thread
+    /// of its own instead of the main loop); stopped when the export leaves it.
+    var privateThread: IOThread?
+    var state = State.serving
     init(export: Export, nodeName: String, privateThread: IOThread?) {
         self.export = export
         self.nodeName = nodeName
@@ -39,17 +57,18 @@ final class ExportEntry {
 extension Monitor {
     // MARK: blockdev-add / blockdev-del
 
-    func blockdevAdd(_ args: JSON) throws {
-        let a = try Arguments(args, ["driver": .string, "node-name": .string, "filename": .string, "file": .string,
-                                     "read-only": .bool, "cache": .any, "aio": .string, "size": .int,
-                                     "read-zeroes": .bool, "auto-read-only": .bool, "discard": .string],
-                              required: ["driver", "node-name"])
+    static var blockdevAddArguments: [String: QMPArgumentType] {
+        ["driver": .string, "node-name": .string, "filename": .string, "file": .string,
+         "read-only": .bool, "cache": .any, "aio": .string, "size": .int,
+         "read-zeroes": .bool, "auto-read-only": .bool, "discard": .string]
+    }
+
+    func blockdevAdd(_ a: QMPArguments) throws(QMPError) {
         let driver = a.string("driver")!
         let name = a.string("node-name")!
         guard isWellFormedObjectID(name) else { throw QMPError("Invalid node-name: '\(name)'") }
         guard nodes[name] == nil else { throw QMPError("Duplicate nodes with node-name='\(name)'") }
-        var readOnly = false
-        if case .bool(let b)? = a["read-only"] { readOnly = b }
+        var readOnly = a.bool("read-only") ?? false
         let kind: BlockNode.Kind
         switch driver {
         case "file":
@@ -76,13 +95,12 @@ extension Monitor {
         nodes[name] = BlockNode(name: name, kind: kind, readOnly: readOnly)
     }
 
-    func blockdevDel(_ args: JSON) throws {
-        let a = try Arguments(args, ["node-name": .string], required: ["node-name"])
-        let name = a.string("node-name")!
-        guard nodes[name] != nil else { throw QMPError("Failed to find node with node-name='\(name)'") }
+    func blockdevDel(_ name: String) throws(QMPError) {
+        guard let node = nodes[name] else { throw QMPError("Failed to find node with node-name='\(name)'") }
         let usedByExport = exports.values.contains { $0.nodeName == name || fileChild(of: $0.nodeName) == name }
         let usedByNode = nodes.values.contains { if case .raw(let f) = $0.kind { return f == name } else { return false } }
         guard !usedByExport && !usedByNode else { throw QMPError("Node \(name) is in use") }
+        node.holds.release()
         nodes.removeValue(forKey: name)
     }
 
@@ -92,7 +110,7 @@ extension Monitor {
     }
 
     /// What a node reads and writes: a backend, its size for null nodes, read-only.
-    func backend(of node: String) throws -> (BlockBackend, UInt64, Bool) {
+    func backend(of node: String) throws(QMPError) -> (BlockBackend, UInt64, Bool) {
         guard let n = nodes[node] else { throw QMPError("Cannot find device='' nor node-name='\(node)'") }
         switch n.kind {
         case .file(let path, let direct):
@@ -105,13 +123,31 @@ extension Monitor {
         }
     }
 
+    /// The node, its file child and the nodes whose file it is: what moves together.
+    func graph(of name: String) -> Set<String> {
+        var g: Set<String> = [name]
+        if let f = fileChild(of: name) { g.insert(f) }
+        for (n, node) in nodes { if case .raw(let f) = node.kind, f == name { g.insert(n) } }
+        return g
+    }
+
+    /// Releases the holds of every node placed on an IOThread (shutdown).
+    func releaseNodeHolds() {
+        for node in nodes.values {
+            node.holds.release()
+            node.placement = nil
+        }
+    }
+
     // MARK: block-export-add / block-export-del / query-block-exports
 
-    func blockExportAdd(_ args: JSON) throws {
-        let a = try Arguments(args, ["type": .string, "id": .string, "node-name": .string, "writable": .bool,
-                                     "writethrough": .bool, "iothread": .any, "fixed-iothread": .bool,
-                                     "addr": .any, "logical-block-size": .int, "num-queues": .int],
-                              required: ["type", "id", "node-name"])
+    static var blockExportAddArguments: [String: QMPArgumentType] {
+        ["type": .string, "id": .string, "node-name": .string, "writable": .bool,
+         "writethrough": .bool, "iothread": .any, "fixed-iothread": .bool,
+         "addr": .any, "logical-block-size": .int, "num-queues": .int]
+    }
+
+    func blockExportAdd(_ a: QMPArguments) throws(QMPError) {
         let type = a.string("type")!
         guard type == "vhost-user-blk" else { throw QMPError("Parameter 'type' does not accept value '\(type)'") }
         let id = a.string("id")!
@@ -127,8 +163,7 @@ extension Monitor {
         guard let path = addr["path"]?.stringValue else { throw QMPError("Parameter 'addr.path' is missing") }
         let node = a.string("node-name")!
         let (backend, size, nodeReadOnly) = try backend(of: node)
-        var writable = false
-        if case .bool(let w)? = a["writable"] { writable = w }
+        let writable = a.bool("writable") ?? false
         if writable && nodeReadOnly { throw QMPError("Cannot export read-only node as writable") }
         let queues = a["num-queues"]?.intValue ?? 1
         guard queues > 0 else { throw QMPError("num-queues must be greater than 0") }
@@ -143,39 +178,50 @@ extension Monitor {
                 guard let t = registry.lookup(tid) else { throw QMPError("iothread \"\(tid)\" not found") }
                 threads.append(t)
             }
+        } else if let placed = graph(of: node).lazy.compactMap({ self.nodes[$0]?.placement }).first {
+            // The node was placed with x-blockdev-set-iothread: the export runs there, as
+            // QEMU's export runs in its node's AioContext.
+            threads = [placed]
         } else {
             // No IOThread named: the export gets a thread of its own (this runtime has no
             // main-loop dataplane), not listed by query-iothreads.
-            do { own = try IOThread(id: "export-\(id)") } catch { throw QMPError("\(error)") }
+            own = try privateThread(for: id)
             threads = [own!]
         }
         let export: Export
-        do {
+        do throws(ExportError) {
             export = try Export(id: id, backend: backend, socketPath: path, iothreads: threads, numQueues: Int(clamping: queues),
                                 writable: writable, logicalBlockSize: Int(clamping: lbs), size: size,
-                                log: { line in errorLine("dataplane: \(line)") })
+                                holder: .blockNode(name: node), log: { line in errorLine("dataplane: \(line)") })
         } catch {
-            own?.stop()
+            try? own?.stop()
             throw QMPError(error.message)
         }
         exports[id] = ExportEntry(export: export, nodeName: node, privateThread: own)
         exportOrder.append(id)
     }
 
+    /// A thread of the export's own, standing in for QEMU's main loop.
+    func privateThread(for id: String) throws(QMPError) -> IOThread {
+        do throws(IOThreadError) { return try IOThread(id: "export-\(id)") } catch { throw QMPError(error.message) }
+    }
+
     /// `iothread`: absent (nil), a name, or a non-empty list of names (QEMU 9.0+'s form).
-    func iothreadNames(_ value: JSON?) throws -> [String]? {
+    func iothreadNames(_ value: JSON?) throws(QMPError) -> [String]? {
         switch value {
         case nil, .null?:
             return nil
         case .string(let name)?:
             return [name]
         case .array(let items)? where !items.isEmpty:
-            return try items.map { item throws -> String in
+            var names: [String] = []
+            for item in items {
                 guard let name = item.stringValue else {
                     throw QMPError("Invalid parameter type for 'iothread[]', expected: string")
                 }
-                return name
+                names.append(name)
             }
+            return names
         case .array?:
             throw QMPError("Parameter 'iothread' must not be an empty list")
         default:
@@ -185,95 +231,102 @@ extension Monitor {
 
     /// Answers once the export is gone, after BLOCK_EXPORT_DELETED: the order qemu-storage-daemon
     /// 7.2 shows when nothing holds the export, so a client that stops reading at the answer
-    /// has seen the event. This session's later commands wait, in order; other sessions are
-    /// served meanwhile (the drain never blocks the main loop).
-    func blockExportDel(_ args: JSON, _ done: @escaping Done) throws {
-        let a = try Arguments(args, ["id": .string, "mode": .string], required: ["id"])
+    /// has seen the event. No other command runs meanwhile; the drain never blocks the main
+    /// loop (other clients' sockets are read, their commands wait in the queue).
+    func blockExportDel(_ a: QMPArguments) async throws(QMPError) {
         let id = a.string("id")!
         if let mode = a.string("mode"), mode != "safe" && mode != "hard" {
             throw QMPError("Parameter 'mode' does not accept value '\(mode)'")
         }
         guard let entry = exports[id] else { throw QMPError("Export '\(id)' is not found") }
-        guard !entry.shuttingDown else { throw QMPError("Export '\(id)' is already shutting down") }
-        entry.shuttingDown = true
-        deleteExport(entry, id: id) { done(.success(.object([]))) }
+        guard entry.state == .serving else { throw QMPError("Export '\(id)' is already shutting down") }
+        await deleteExport(id, entry)
+        emit("BLOCK_EXPORT_DELETED", .object([("id", .string(id))]))
     }
 
-    /// Deletes the export (drain, release the IOThread), then forgets it and emits
-    /// BLOCK_EXPORT_DELETED; `done` runs on the main loop thread after that.
-    func deleteExport(_ entry: ExportEntry, id: String, _ done: @escaping () -> Void) {
-        let ctx = context
-        let monitor = MainThreadOnly(self)
-        let finish = MainThreadOnly(done)
-        let export = entry.export
-        let own = entry.privateThread
-        Task {
-            try? await export.delete()
-            own?.stop()
-            ctx.scheduleOneShot {
-                let m = monitor.value
-                m.exports.removeValue(forKey: id)
-                m.exportOrder.removeAll { $0 == id }
-                m.emit("BLOCK_EXPORT_DELETED", .object([("id", .string(id))]))
-                finish.value()
-            }
+    /// Deletes the export (drain, release its IOThreads, stop its own thread) and forgets it.
+    func deleteExport(_ id: String, _ entry: ExportEntry) async {
+        entry.state = .deleting
+        do throws(ExportError) {
+            try await entry.export.delete()
+        } catch {
+            preconditionFailure("BUG DETECTED: deleting export '\(id)' failed: \(error)")
         }
+        assertOnMonitorThread()
+        try? entry.privateThread?.stop()  // nothing holds it any more
+        exports.removeValue(forKey: id)
+        exportOrder.removeAll { $0 == id }
     }
 
     func queryBlockExports() -> JSON {
         .array(exportOrder.reversed().compactMap { id in
             guard let e = exports[id] else { return nil }
-            return .object([("node-name", .string(e.nodeName)), ("shutting-down", .bool(e.shuttingDown)),
+            return .object([("node-name", .string(e.nodeName)), ("shutting-down", .bool(e.state == .deleting)),
                             ("type", .string("vhost-user-blk")), ("id", .string(id))])
         })
     }
 
-    /// Deletes every export (for shutdown); `done` runs on the main loop thread.
-    func deleteAllExports(_ done: @escaping () -> Void) {
-        guard !exports.isEmpty else { return done() }
-        final class Countdown {
-            var left: Int
-            init(_ n: Int) { left = n }
-        }
-        let countdown = Countdown(exports.count)
-        let last = {
-            countdown.left -= 1
-            if countdown.left == 0 { done() }
-        }
-        for (id, entry) in exports {
-            if entry.shuttingDown {
-                waitGone(id, last)  // already on its way (block-export-del)
-            } else {
-                entry.shuttingDown = true
-                deleteExport(entry, id: id, last)
-            }
+    /// Deletes every export (shutdown).
+    func deleteAllExports() async {
+        for id in exportOrder {
+            guard let entry = exports[id] else { continue }
+            await deleteExport(id, entry)
         }
     }
 
-    func waitGone(_ id: String, _ done: @escaping () -> Void) {
-        if exports[id] == nil { return done() }
-        let monitor = MainThreadOnly(self)
-        let d = MainThreadOnly(done)
-        context.scheduleOneShot { monitor.value.waitGone(id, d.value) }
+    // MARK: x-blockdev-set-iothread
+
+    /// QEMU's `x-blockdev-set-iothread`: places the node (and the nodes it is connected to)
+    /// on the IOThread, or on the main loop with `null`. Exports on those nodes move with it,
+    /// live, front ends connected; as in QEMU, that needs `force`. The node holds its IOThread
+    /// as itself; the new IOThread is held before anything leaves the old one. An export
+    /// moved to the main loop runs on a thread of its own (this runtime has no main-loop
+    /// dataplane).
+    func setNodeIOThread(_ a: QMPArguments) async throws(QMPError) {
+        let name = a.string("node-name")!
+        guard let node = nodes[name] else { throw QMPError("Failed to find node with node-name='\(name)'") }
+        let target: IOThread?
+        switch a["iothread"]! {
+        case .null: target = nil
+        case .string(let id):
+            guard let t = registry.lookup(id) else { throw QMPError("Cannot find iothread \(id)") }
+            target = t
+        default: throw QMPError("Invalid parameter type for 'iothread', expected: string or null")
+        }
+        let related = graph(of: name)
+        let users = exportOrder.filter { id in exports[id].map { related.contains($0.nodeName) } ?? false }
+        if !users.isEmpty && !(a.bool("force") ?? false) {
+            throw QMPError("Node \(name) is associated with a BlockBackend and could be in use (use force=true to override this check)")
+        }
+        if let target {
+            do throws(IOThreadError) { try node.holds.hold([target]) } catch { throw QMPError(error.message) }
+        }
+        for id in users {
+            guard let entry = exports[id] else { continue }
+            try await moveExport(id, entry, to: target)
+        }
+        node.holds.release(keeping: target.map { [$0] } ?? [])
+        node.placement = target
     }
 
-    /// Runs a synchronous command at startup (the command line's `--object`, `--blockdev`,
-    /// `--export`), with the same validation and texts as over QMP. Main loop thread.
-    public func runStartupCommand(_ name: String, _ args: JSON) throws(QMPError) {
-        var failure: QMPError? = nil
-        do {
-            switch name {
-            case "object-add": try objectAdd(args)
-            case "blockdev-add": try blockdevAdd(args)
-            case "block-export-add": try blockExportAdd(args)
-            default: throw QMPError("CommandNotFound", "The command \(name) has not been found")
-            }
-        } catch let e as QMPError {
-            failure = e
+    /// Moves the export's queues and control socket to `target` (nil: a thread of its own).
+    func moveExport(_ id: String, _ entry: ExportEntry, to target: IOThread?) async throws(QMPError) {
+        guard entry.state == .serving else { throw QMPError("Export '\(id)' is already shutting down") }
+        let old = entry.privateThread
+        if target == nil, let old, entry.export.iothreads.allSatisfy({ $0 === old }) { return }  // already on its own thread
+        let destination: IOThread
+        if let target { destination = target } else { destination = try privateThread(for: id) }
+        entry.state = .moving
+        defer { entry.state = .serving }
+        do throws(ExportError) {
+            try await entry.export.move(to: [destination])
         } catch {
-            failure = QMPError("\(error)")
+            if target == nil { try? destination.stop() }
+            throw QMPError(error.message)
         }
-        if let failure { throw failure }
+        assertOnMonitorThread()
+        entry.privateThread = target == nil ? destination : nil
+        if let old, old !== destination { try? old.stop() }  // the export released it
     }
 }
 

@@ -1,22 +1,32 @@
 // The monitor served on a UNIX socket (mode 0600) by fd handlers on one AioContext, several
 // clients at once. Reads are non-blocking and go straight to the session's byte-stream
-// parser; writes that would block are queued and finished by a write handler.
+// parser; a client with `Monitor.backlogLimit` messages waiting in the monitor's queue is not
+// read until it is below again (QEMU suspends a monitor the same way). Writes that would
+// block are queued and finished by a write handler.
 import Aio
 import CShims
 import Glibc
 
 /// `@unchecked Sendable`: confined to the home thread of `monitor.context`.
+///
+/// Its fd handlers refer to it `unowned(unsafe)`: they are removed in ``stop()``, which must
+/// run before the server is dropped (deinit checks it), and a removed handler is never
+/// called again.
 public final class QMPServer: @unchecked Sendable {
     public let path: String
     let monitor: Monitor
     let listenFD: Int32
     var clients: [Int32: Client] = [:]
 
+    var stopped = false
+
     final class Client {
         let fd: Int32
         var session: MonitorSession!
         var pending: [UInt8] = []
         var writing = false
+        /// False while the client has too many messages waiting in the monitor's queue.
+        var reading = true
         init(fd: Int32) { self.fd = fd }
     }
 
@@ -30,8 +40,14 @@ public final class QMPServer: @unchecked Sendable {
         monitor.context.setFdHandler(fd, FdHandlerCallbacks(read: { [unowned(unsafe) self] in acceptAll() }))
     }
 
-    /// Stops listening, disconnects every client and removes the socket file.
+    deinit {
+        precondition(stopped, "BUG DETECTED: QMPServer on \(path) dropped without stop()")
+    }
+
+    /// Stops listening, disconnects every client and removes the socket file. Idempotent.
     public func stop() {
+        guard !stopped else { return }
+        stopped = true
         monitor.context.removeFdHandler(listenFD)
         close(listenFD)
         for fd in Array(clients.keys) { disconnect(fd) }
@@ -46,16 +62,34 @@ public final class QMPServer: @unchecked Sendable {
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
             let client = Client(fd: fd)
             client.session = MonitorSession { [unowned(unsafe) self, unowned client] text in send(client, Array(text.utf8)) }
+            client.session.onBacklog = { [unowned(unsafe) self, unowned client] full in
+                client.reading = !full
+                watch(client)
+            }
             clients[fd] = client
-            monitor.context.setFdHandler(fd, FdHandlerCallbacks(read: { [unowned(unsafe) self] in readable(fd) }))
+            watch(client)
             monitor.open(client.session)
+        }
+    }
+
+    /// Registers the client's handler for what it waits for now: reading unless its backlog is
+    /// full, writing while replies are queued.
+    func watch(_ client: Client) {
+        guard clients[client.fd] === client else { return }
+        let fd = client.fd
+        let read: (@Sendable () -> Void)? = client.reading ? { @Sendable [unowned(unsafe) self] in readable(fd) } : nil
+        let write: (@Sendable () -> Void)? = client.writing ? { @Sendable [unowned(unsafe) self] in writable(fd) } : nil
+        if read == nil && write == nil {
+            monitor.context.removeFdHandler(fd)
+        } else {
+            monitor.context.setFdHandler(fd, FdHandlerCallbacks(read: read, write: write))
         }
     }
 
     func readable(_ fd: Int32) {
         guard let client = clients[fd] else { return }
         var buf = [UInt8](repeating: 0, count: 65536)
-        while true {
+        while client.reading {
             let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
             if n > 0 {
                 monitor.receive(buf[0..<n], from: client.session)
@@ -85,10 +119,7 @@ public final class QMPServer: @unchecked Sendable {
             if n < 0 && errno == EAGAIN {
                 if !client.writing {
                     client.writing = true
-                    let fd = client.fd
-                    monitor.context.setFdHandler(fd, FdHandlerCallbacks(
-                        read: { [unowned(unsafe) self] in readable(fd) },
-                        write: { [unowned(unsafe) self] in writable(fd) }))
+                    watch(client)
                 }
                 return
             }
@@ -102,7 +133,7 @@ public final class QMPServer: @unchecked Sendable {
         flush(client)
         if client.pending.isEmpty && client.writing && clients[fd] != nil {
             client.writing = false
-            monitor.context.setFdHandler(fd, FdHandlerCallbacks(read: { [unowned(unsafe) self] in readable(fd) }))
+            watch(client)
         }
     }
 

@@ -100,13 +100,16 @@ struct Serve: ParsableCommand {
         }
         let state = State()
         var server: QMPServer? = nil
+        /// Runs the monitor's loop until its shutdown is over.
+        func shutDown() {
+            var done = false
+            monitor.shutdown { done = true }
+            while !done { ctx.poll(blocking: true) }
+        }
         let finishStartup = { (failure: Error?) throws in
             if let failure {
                 // Undo what was set up, then report.
-                var done = false
-                monitor.detachAll { done = true }
-                while !done { ctx.poll(blocking: true) }
-                monitor.registry.removeAll()
+                shutDown()
                 server?.stop()
                 throw failure
             }
@@ -122,19 +125,22 @@ struct Serve: ParsableCommand {
             do { server = try QMPServer(path: path, monitor: monitor) } catch { try finishStartup(error) }
         }
         let qmpServer = server
-        let shutdown: @Sendable () -> Void = {
-            guard !state.stopping else { return }
-            state.stopping = true
-            monitor.detachAll {
-                monitor.registry.removeAll()
-                qmpServer?.stop()
-                state.running = false
-            }
+        // quit, SIGINT and SIGTERM: the command running finishes and is answered, then every
+        // export is deleted, every device detached and every IOThread stopped; then the
+        // clients are disconnected and the loop ends.
+        let finish: @Sendable () -> Void = {
+            qmpServer?.stop()
+            state.running = false
         }
-        monitor.onQuit = { ctx.scheduleOneShot { shutdown() } }  // after the reply went out
+        monitor.onQuit = finish
         let signals = try EventNotifier()
         dp_stop_signals_to_eventfd(signals.fileDescriptor)
-        ctx.setEventNotifier(signals, FdHandlerCallbacks(read: { shutdown() }))
+        ctx.setEventNotifier(signals, FdHandlerCallbacks(read: {
+            signals.testAndClear()
+            guard !state.stopping else { return }
+            state.stopping = true
+            monitor.shutdown(finish)
+        }))
         if let path { errorLine("dataplane: QMP monitor on \(path) (backend \(ctx.backendKind))") }
         if let pidfile {
             let text = "\(getpid())\n"

@@ -73,7 +73,7 @@ struct BlockExportTests {
                 == "Parameter 'addr' is missing")
         #expect(h.send(#"{"execute":"query-block-exports"}"#)
                 == [#"{"return": [{"node-name": "disk0", "shutting-down": false, "type": "vhost-user-blk", "id": "exp0"}]}"# + "\r\n"])
-        #expect(h.send(#"{"execute":"query-iothreads"}"#).first?.contains(#""holders": ["exp0"]"#) == true)
+        #expect(h.send(#"{"execute":"query-iothreads"}"#).first?.contains(#""holders": [{"type": "block-node", "node-name": "disk0"}]"#) == true)
         #expect(desc(#"{"execute":"object-del","arguments":{"id":"iot0"}}"#) == "object 'iot0' is in use, can not be deleted")
         #expect(desc(#"{"execute":"blockdev-del","arguments":{"node-name":"disk0"}}"#) == "Node disk0 is in use")
         #expect(desc(#"{"execute":"blockdev-del","arguments":{"node-name":"file0"}}"#) == "Node file0 is in use")
@@ -126,7 +126,8 @@ struct BlockExportTests {
             return n
         }
         let iothreads = h.send(#"{"execute":"query-iothreads"}"#).first ?? ""
-        #expect(count(#""holders": ["exp0"]"#, in: iothreads) == 2, "both IOThreads hold exp0: \(iothreads)")
+        #expect(count(#""holders": [{"type": "block-node", "node-name": "null0"}]"#, in: iothreads) == 2,
+                "both IOThreads are held by the exported node: \(iothreads)")
         #expect(desc(#"{"execute":"object-del","arguments":{"id":"iot1"}}"#) == "object 'iot1' is in use, can not be deleted")
         _ = h.send(#"{"execute":"block-export-del","arguments":{"id":"exp0"}}"#)
         #expect(h.waitFor(#"{"return": {}}"#))
@@ -146,7 +147,7 @@ struct BlockExportTests {
         #expect(h.send(#"{"execute":"block-export-add","arguments":{"type":"vhost-user-blk","id":"exp0","node-name":"null0","addr":{"type":"unix","path":"\#(sock)"}}}"#)
                 == [#"{"return": {}}"# + "\r\n"])
         var finished = false
-        h.monitor.detachAll { finished = true }
+        h.monitor.shutdown { finished = true }
         let deadline = monotonicNanoseconds() + 10_000_000_000
         while !finished && monotonicNanoseconds() < deadline {
             while h.ctx.poll(blocking: false) {}

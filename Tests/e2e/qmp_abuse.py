@@ -97,7 +97,8 @@ async def hotplugger(path, seconds, stats):
         await asyncio.wait_for(qmp.execute("device_add", {"driver": "virtio-blk", "id": dev, "iothread": f"hot{n % 2}"}), 10)
         holders = await asyncio.wait_for(qmp.execute("query-iothreads"), 10)
         stats["holder_checks"] += 1
-        if not any(f"/machine/peripheral/{dev}" in t.get("holders", []) for t in holders):
+        mine = {"type": "qom-object", "qom-path": f"/machine/peripheral/{dev}"}
+        if not any(mine in t.get("holders", []) for t in holders):
             stats["holder_mismatch"] += 1
         await asyncio.wait_for(qmp.execute("device_del", {"id": dev}), 10)
         while True:

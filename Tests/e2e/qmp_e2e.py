@@ -85,7 +85,10 @@ async def main(binary):
 
         await qmp.execute("device_add", {"driver": "virtio-blk", "id": "disk0", "iothread": "iot0"})
         threads = await qmp.execute("query-iothreads")
-        check("the device holds the IOThread", threads[0]["holders"] == ["/machine/peripheral/disk0"], threads)
+        check("the device holds the IOThread, in the holders series' union shape",
+              threads[0]["holders"] == [{"type": "qom-object", "qom-path": "/machine/peripheral/disk0"}], threads)
+        check("holders sits after thread-id, as in the series' schema",
+              list(threads[0])[:3] == ["id", "thread-id", "holders"], list(threads[0]))
         ok, why = await expect_error(qmp, "object-del", {"id": "iot0"}, "object 'iot0' is in use, can not be deleted")
         check("object-del of a held IOThread refused", ok, why)
         ok, why = await expect_error(qmp, "device_add", {"driver": "virtio-blk", "id": "disk0", "iothread": "iot0"},
@@ -196,7 +199,8 @@ async def main(binary):
         await qmp.connect(path)
         threads = await qmp.execute("query-iothreads")
         check("--export ...,iothread.0=iot0,iothread.1=iot1: both IOThreads hold the export",
-              sorted((t["id"], t["holders"]) for t in threads) == [("iot0", ["exp0"]), ("iot1", ["exp0"])], threads)
+              [(t["id"], t["holders"]) for t in threads] ==
+              [(i, [{"type": "block-node", "node-name": "null0"}]) for i in ("iot0", "iot1")], threads)
         await qmp.execute("block-export-del", {"id": "exp0"})
         threads = await qmp.execute("query-iothreads")
         check("and neither after block-export-del", all(t["holders"] == [] for t in threads), threads)

@@ -46,8 +46,8 @@ backend_up() { # NAME: a fresh image and the export on iot0 + iot1
 name=2iothreads-q2-pattern
 if backend_up "$name"; then
     python3 "$VHOST_DIR/qmp.py" --timeout 5 "$QMP" query-iothreads > "$WORK/iothreads.qmp"
-    holders=$(grep -o '"holders":\["exp0"\]' "$WORK/iothreads.qmp" | wc -l)
-    check "$name: both IOThreads hold exp0" $([ "$holders" = 2 ]; echo $?) "($(cat "$WORK/iothreads.qmp"))"
+    holders=$(grep -o '"holders":\[{"type":"block-node","node-name":"disk0"}\]' "$WORK/iothreads.qmp" | wc -l)
+    check "$name: both IOThreads are held by the exported node" $([ "$holders" = 2 ]; echo $?) "($(cat "$WORK/iothreads.qmp"))"
     "$VHOST_DIR/run-guest.sh" "$SOCK" pattern,cache,discard --queues 2 --dp seed=2 --log "$WORK/$name.log" --quiet
     rc=$?
     check "$name: guest pattern,cache,discard" $rc "(see $WORK/$name.log)"
