@@ -56,7 +56,7 @@ let package = Package(
         .testTarget(name: "IOThreadsTests", dependencies: ["IOThreads", "Aio", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "IOThreads", "Aio", "CShims", "TestSupport"],
                     swiftSettings: strict),
-        .testTarget(name: "QMPTests", dependencies: ["QMP", "VhostUser", "Aio", "IOThreads", "CShims"], swiftSettings: strict),
+        .testTarget(name: "QMPTests", dependencies: ["QMP", "VhostUser", "Devices", "Aio", "IOThreads", "CShims"], swiftSettings: strict),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Devices", "IOThreads", "Aio", "CShims", "TestSupport"],
                     swiftSettings: strict),
         .testTarget(name: "LoadGenTests", dependencies: ["LoadGen", "Devices", "Aio"], swiftSettings: strict),
