@@ -1,19 +1,25 @@
-// libFuzzer target over the monitor's command dispatch (Sources/QMP/Monitor.swift and what it
-// drives: real IOThreads and devices). Each input is what one client sends after the greeting
-// and negotiation; it is fed one message at a time (as the stream splits it), running the
-// monitor's loop between messages, so commands also arrive while a device_add is pending.
-// Built by `make fuzz` against the package's QMP, Devices, IOThreads, Aio and Uring modules.
+// libFuzzer target over the monitor's command dispatch (Sources/QMP and what it drives: real
+// IOThreads and devices). Each input is what three clients send after the greeting and
+// negotiation, interleaved: the input's messages (as the stream splits them) are dealt to the
+// clients by a generator seeded from the input's first byte, and fed one at a time, running
+// the monitor's loop between messages, so one client's commands arrive while another's
+// device_add or device_del is pending. Built by `make fuzz` against the package's QMP,
+// Devices, IOThreads, Aio and Uring modules.
 //
 // Properties checked on every input:
 // - nothing crashes, traps or hangs (a reply or event missing for 10 s fails the input);
-// - every message the stream yields (a value or a parse error) gets exactly one reply, in
-//   order: {"return": …} or {"error": {"class": …, "desc": …}} with one of QEMU's classes,
-//   with the request's id when it is an object that has one and no id otherwise;
-// - every device_del that returned is followed by exactly one DEVICE_DELETED event;
-// - the session stays usable: a query-iothreads sent after the input (after a reset
+// - every message a client's stream yields (a value or a parse error) gets exactly one reply
+//   on that client, in order: {"return": …} or {"error": {"class": …, "desc": …}} with one of
+//   QEMU's classes, with the request's id when it is an object that has one and no id
+//   otherwise;
+// - every device_del that returned is followed by exactly one DEVICE_DELETED event on each
+//   client;
+// - every client stays usable: a query-iothreads sent after the input (after a reset
 //   character, the documented resynchronisation) is answered with a list;
-// - teardown as `dataplane serve` shuts down (detach every device, delete every IOThread)
-//   leaves no IOThread in the registry, no thread named "IO …" and no new descriptor.
+// - a `quit` that returned shuts the monitor down: every message fed before it was answered,
+//   none fed after it is, and the unplugs accepted before it still end with their events;
+// - the shutdown `quit` and `dataplane serve` use leaves no IOThread in the registry, no
+//   thread named "IO …" and no new descriptor.
 // Resources are bounded per input: the input is cut before its (maxCreations+1)th object-add
 // or device_add, so an input creates at most that many threads and devices.
 import Aio
@@ -23,6 +29,8 @@ import QMP
 
 /// object-add and device_add requests one input may make.
 let maxCreations = 16
+/// Clients per input.
+let clientCount = 3
 /// How long a reply or an event may take (device_add and device_del hop through tasks).
 let patienceNs: Int64 = 10_000_000_000
 
@@ -150,6 +158,18 @@ func check(_ reply: JSON, answers request: JSONStream.Output) {
     if case .error = request { require(reply["error"] != nil, "a parse error answered with a return") }
 }
 
+/// SplitMix64, seeded by the input: which client sends each message.
+struct Dealer {
+    var state: UInt64
+    mutating func next() -> Int {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return Int((z ^ (z >> 31)) % UInt64(clientCount))
+    }
+}
+
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     var bytes = Array(UnsafeBufferPointer(start: data, count: size))
@@ -157,82 +177,118 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     let descriptorsBefore = descriptors()
 
     let monitor = Monitor(context: mainContext)
-    let client = Client()
-    let session = MonitorSession { client.received($0) }
-    monitor.open(session)
-    require(client.replies.count == 1 && client.replies[0]["QMP"] != nil, "no greeting")
-    client.replies = []
-    monitor.receive(Array(#"{"execute":"qmp_capabilities"}"#.utf8), from: session)
-    require(pump { client.replies.count == 1 } && client.replies[0] == .object([("return", .object([]))]),
-            "negotiation failed: \(client.replies.map(\.serialized))")
-    client.replies = []
+    let clients = (0..<clientCount).map { _ in Client() }
+    let sessions = clients.map { client in MonitorSession { client.received($0) } }
+    for (client, session) in zip(clients, sessions) {
+        monitor.open(session)
+        require(client.replies.count == 1 && client.replies[0]["QMP"] != nil, "no greeting")
+        client.replies = []
+        monitor.receive(Array(#"{"execute":"qmp_capabilities"}"#.utf8), from: session)
+        require(pump { client.replies.count == 1 } && client.replies[0] == .object([("return", .object([]))]),
+                "negotiation failed: \(client.replies.map(\.serialized))")
+        client.replies = []
+    }
 
-    // The input, one message at a time, as the monitor's own stream splits it (a mirror
-    // stream finds the boundaries and the requests to expect).
-    var mirror = JSONStream()
-    var requests: [JSONStream.Output] = []
+    var quitDone = false
+    monitor.onQuit = { quitDone = true }
+
+    // The input, one message at a time, each to the client the dealer picks. A mirror stream
+    // per client finds the boundaries and the requests to expect (a client's stream sees only
+    // what that client sent); `fed` keeps them in the order they reached the monitor.
+    var dealer = Dealer(state: UInt64(bytes.first ?? 0))
+    var mirrors = [JSONStream](repeating: JSONStream(), count: clientCount)
+    var splitter = JSONStream()
+    var fed: [(client: Int, request: JSONStream.Output)] = []
     var creations = 0
     var start = 0
     var i = 0
+    var last = 0  // the client that got the last piece (a truncated tail goes to it)
     while i < bytes.count {
-        let outputs = mirror.feed(CollectionOfOne(bytes[i]))
+        let outputs = splitter.feed(CollectionOfOne(bytes[i]))
         i += 1
         guard !outputs.isEmpty else { continue }
         let creating = outputs.filter { ["object-add", "device_add"].contains(commandName($0)) }.count
         if creations + creating > maxCreations {
-            // Cut here: the monitor has seen bytes[..<start]; the mirror must be where it is.
             bytes.removeSubrange(start...)
-            mirror = JSONStream()
-            _ = mirror.feed(bytes)
             break
         }
         creations += creating
-        requests += outputs
-        monitor.receive(bytes[start..<i], from: session)
+        let k = dealer.next()
+        last = k
+        let piece = bytes[start..<i]
+        fed += mirrors[k].feed(piece).map { (k, $0) }
+        monitor.receive(piece, from: sessions[k])
         start = i
         while mainContext.poll(blocking: false) {}
     }
-    if start < bytes.count { monitor.receive(bytes[start...], from: session) }  // a truncated tail
+    if start < bytes.count {  // a truncated tail
+        fed += mirrors[last].feed(bytes[start...]).map { (last, $0) }
+        monitor.receive(bytes[start...], from: sessions[last])
+    }
 
-    // Still usable: a reset character, then a command.
+    // Still usable: a reset character, then a command, on every client.
     let probe = Array("\u{1b}{\"execute\":\"query-iothreads\",\"id\":\"final\"}".utf8)
-    requests += mirror.feed(probe)
-    require(requests.last == .value(.object([("execute", .string("query-iothreads")), ("id", .string("final"))])),
-            "the final query-iothreads was not read as a request")
-    monitor.receive(probe, from: session)
-    require(pump { client.replies.count >= requests.count },
-            "\(requests.count - client.replies.count) of \(requests.count) requests unanswered after 10 s")
-    require(client.replies.count == requests.count, "\(client.replies.count) replies to \(requests.count) requests")
+    for k in 0..<clientCount {
+        let got = mirrors[k].feed(probe)
+        require(got.last == .value(.object([("execute", .string("query-iothreads")), ("id", .string("final"))])),
+                "client \(k): the final query-iothreads was not read as a request")
+        fed += got.map { (k, $0) }
+        monitor.receive(probe, from: sessions[k])
+    }
+    let expected = (0..<clientCount).map { k in fed.filter { $0.client == k }.count }
+    let answered = { (0..<clientCount).allSatisfy { clients[$0].replies.count >= expected[$0] } }
+    require(pump { answered() || quitDone },
+            "\(zip(expected, clients).map { $0 - $1.replies.count }) requests unanswered after 10 s (per client)")
+
+    // Walk the requests in the order the monitor took them: each is answered on its client,
+    // in order, until a quit returns; nothing after that is.
+    var cursor = [Int](repeating: 0, count: clientCount)
     var unplugs = 0
-    for (request, reply) in zip(requests, client.replies) {
+    var quitAt: Int? = nil
+    for (n, (k, request)) in fed.enumerated() {
+        let replies = clients[k].replies
+        require(cursor[k] < replies.count, "client \(k): request \(n) of the input (\(request)) unanswered")
+        let reply = replies[cursor[k]]
+        cursor[k] += 1
         check(reply, answers: request)
         let name = commandName(request)
         // Every command query-commands lists is dispatched (qmp_capabilities is refused now).
-        if let name, name != "qmp_capabilities", Monitor.commands.contains(name) {
+        if let name, name != "qmp_capabilities", monitor.commandNames.contains(name) {
             require(reply["error"]?["class"] != .string("CommandNotFound"), "listed command \(name) not found: \(reply.serialized)")
         }
         if name == "device_del" && reply["return"] != nil { unplugs += 1 }
+        if name == "quit" && reply["return"] != nil {
+            quitAt = n
+            break
+        }
     }
-    guard case .array = client.replies.last!["return"] else {
-        failure("final query-iothreads: \(client.replies.last!.serialized)")
+    if quitAt != nil {
+        require(quitDone, "a quit returned and the shutdown did not finish")
+    }
+    for k in 0..<clientCount {
+        require(clients[k].replies.count == cursor[k],
+                "client \(k): \(clients[k].replies.count) replies, \(cursor[k]) expected (quit at \(quitAt.map(String.init) ?? "none"))")
+        if quitAt == nil {
+            guard case .array = clients[k].replies.last!["return"] else {
+                failure("client \(k): final query-iothreads: \(clients[k].replies.last!.serialized)")
+            }
+        }
     }
 
-    // Every accepted unplug ends with one DEVICE_DELETED.
-    let deleted = { client.events.filter { $0 == "DEVICE_DELETED" }.count }
-    require(pump { deleted() >= unplugs }, "\(unplugs - deleted()) DEVICE_DELETED events missing after 10 s")
-    require(deleted() == unplugs, "\(deleted()) DEVICE_DELETED events for \(unplugs) unplugs")
+    // Every accepted unplug ends with one DEVICE_DELETED, on every client.
+    for (k, client) in clients.enumerated() {
+        let deleted = { client.events.filter { $0 == "DEVICE_DELETED" }.count }
+        require(pump { deleted() >= unplugs }, "client \(k): \(unplugs - deleted()) DEVICE_DELETED events missing after 10 s")
+        require(deleted() == unplugs, "client \(k): \(deleted()) DEVICE_DELETED events for \(unplugs) unplugs")
+    }
 
-    // Teardown, as `dataplane serve` does it, then nothing may be left.
-    var detached = false
-    monitor.detachAll { detached = true }
-    require(pump { detached }, "detachAll did not finish in 10 s")
-    monitor.registry.removeAll()
-    require(monitor.registry.all.isEmpty, "IOThreads left after teardown: \(monitor.registry.all.map(\.id))")
-    client.replies = []
-    monitor.receive(Array(#"{"execute":"query-iothreads"}"#.utf8), from: session)
-    require(pump { client.replies.count == 1 } && client.replies[0] == .object([("return", .array([]))]),
-            "query-iothreads after teardown: \(client.replies.map(\.serialized))")
-    monitor.close(session)
+    // The shutdown `quit` runs (again, when a quit ran it: it is idempotent), then nothing may
+    // be left.
+    var shut = false
+    monitor.shutdown { shut = true }
+    require(pump { shut }, "the shutdown did not finish in 10 s")
+    require(monitor.registry.all.isEmpty, "IOThreads left after the shutdown: \(monitor.registry.all.map(\.id))")
+    for session in sessions { monitor.close(session) }
     require(ioThreadCount() == 0, "\(ioThreadCount()) IOThreads still running after teardown")
     // A device's descriptors close when the last reference goes, which may be a task's
     // closure released on another thread just after it finished: allow it a moment.

@@ -28,7 +28,7 @@ struct SplitMix {
 let argumentNames = [
     "qom-type", "id", "path", "property", "value", "driver", "iothread", "iothread-vq-mapping", "vqs",
     "num-queues", "queue-size", "backend", "command-line", "cpu-index", "enable", "poll-max-ns", "poll-grow",
-    "poll-shrink", "aio-max-batch", "thread-pool-min", "thread-pool-max", "bogus",
+    "poll-shrink", "aio-max-batch", "thread-pool-min", "thread-pool-max", "node-name", "force", "bogus",
 ]
 
 /// A value for an argument: often of the right kind and near a limit, sometimes not at all.
@@ -122,7 +122,7 @@ public func customMutator(_ data: UnsafeMutablePointer<UInt8>, _ size: Int, _ ma
     }
     switch rng.below(messages.isEmpty ? 1 : 4) {
     case 0:  // a command the monitor lists, with made-up arguments
-        var m: [(String, JSON)] = [("execute", .string(rng.pick(Monitor.commands)))]
+        var m: [(String, JSON)] = [("execute", .string(rng.pick(Monitor.builtinCommandNames)))]
         if rng.below(4) != 0 { m.append(("arguments", interestingValue(&rng, depth: 1))) }
         if rng.below(3) == 0 { m.append(("id", interestingValue(&rng, depth: 2))) }
         messages.insert(.object(m), at: rng.below(messages.count + 1))

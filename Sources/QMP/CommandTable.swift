@@ -81,6 +81,9 @@ extension Monitor {
     /// The names in the table, in the order they were registered (`query-commands`).
     public var commandNames: [String] { tableOrder }
 
+    /// The names of the commands every monitor starts with.
+    public static var builtinCommandNames: [String] { builtinCommands.map(\.name) }
+
     static var builtinCommands: [QMPCommand] {
         [
             QMPCommand("qmp_capabilities", arguments: ["enable": .array], .sync { call throws(QMPError) in
