@@ -1,5 +1,5 @@
 # Dataplane: `make test` and `make demo` are the two commands; `make deps` installs what they need.
-.PHONY: test demo bench bench-gate fuzz soak vhost-check vhost-bench deps clean
+.PHONY: test demo bench bench-gate fuzz soak stress vhost-check vhost-bench deps clean
 
 test: deps .venv-qmp/bin/python
 	swift build --build-tests
@@ -20,6 +20,16 @@ test: deps .venv-qmp/bin/python
 	.venv-qmp/bin/python Tests/e2e/qmp_e2e.py .build/debug/dataplane
 	@echo "== monitor under abuse: 64 garbage clients while qemu.qmp hot-plugs devices"
 	.venv-qmp/bin/python Tests/e2e/qmp_abuse.py .build/debug/dataplane 20
+	@echo "== management clients racing: 8 qemu.qmp clients and 2 vanishing ones on shared objects"
+	.venv-qmp/bin/python Tests/e2e/qmp_race.py .build/debug/dataplane 20 $(RACE_SEED)
+
+# The racing-clients test held for STRESS_SECONDS (a random seed unless RACE_SEED is given;
+# the seed is printed, and the same seed replays the same choices).
+STRESS_SECONDS ?= 300
+RACE_SEED ?=
+stress: deps .venv-qmp/bin/python
+	swift build --product dataplane
+	.venv-qmp/bin/python Tests/e2e/qmp_race.py .build/debug/dataplane $(STRESS_SECONDS) $(RACE_SEED)
 
 demo: deps
 	swift run -c release dataplane demo
