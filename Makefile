@@ -22,6 +22,7 @@ test: deps .venv-qmp/bin/python
 	.venv-qmp/bin/python Tests/e2e/qmp_abuse.py .build/debug/dataplane 20
 	@echo "== management clients racing: 8 qemu.qmp clients and 2 vanishing ones on shared objects"
 	.venv-qmp/bin/python Tests/e2e/qmp_race.py .build/debug/dataplane 20 $(RACE_SEED)
+	DATAPLANE_FDMON=epoll .venv-qmp/bin/python Tests/e2e/qmp_race.py .build/debug/dataplane 12 $(RACE_SEED)
 
 # The racing-clients test held for STRESS_SECONDS (a random seed unless RACE_SEED is given;
 # the seed is printed, and the same seed replays the same choices).

@@ -7,6 +7,7 @@ Prints one line per check and a closing 'e2e: N passed, M failed'; exits non-zer
 import asyncio
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -211,6 +212,57 @@ async def main(binary):
             await qmp.disconnect()
         except Exception:
             pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # SIGTERM in the middle of commands from two clients (a device_add, a block-export-del
+    # draining requests in a delay backend, a device_del): each client gets its answer or a
+    # clean close, nothing hangs, the server exits 0 and removes its sockets.
+    sock = os.path.join(tmp, "exp.sock")
+    proc = subprocess.Popen([binary, "serve", "--qmp", path, "--object", "iothread,id=iot0",
+                             "--blockdev", "driver=null-co,node-name=null0",
+                             "--export", f"type=vhost-user-blk,id=exp0,node-name=null0,addr.type=unix,addr.path={sock},iothread=iot0"])
+    try:
+        for _ in range(200):
+            if os.path.exists(path) and os.path.exists(sock):
+                break
+            time.sleep(0.05)
+        clients = []
+        for cmds in ([{"execute": "device_add", "arguments": {"driver": "virtio-blk", "id": "d0", "iothread": "iot0"}},
+                      {"execute": "device_del", "arguments": {"id": "d0"}}],
+                     [{"execute": "block-export-del", "arguments": {"id": "exp0"}},
+                      {"execute": "query-iothreads"}]):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            s.settimeout(20)
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b'{"execute":"qmp_capabilities"}')
+            f.readline()
+            s.sendall(b"".join(json.dumps(c).encode() for c in cmds))
+            clients.append((s, f))
+        proc.send_signal(signal.SIGTERM)
+        outcomes = []
+        for s, f in clients:
+            lines = []
+            try:
+                while True:
+                    line = f.readline()
+                    if not line:
+                        break
+                    lines.append(json.loads(line))
+                outcomes.append(("closed", lines))
+            except socket.timeout:
+                outcomes.append(("hung", lines))
+            s.close()
+        check("SIGTERM mid-command: every client answered or closed cleanly, none left hanging",
+              all(o == "closed" for o, _ in outcomes), outcomes)
+        check("... and every line it got is an answer or an event",
+              all(("return" in m or "error" in m or "event" in m) for _, ls in outcomes for m in ls), outcomes)
+        rc = proc.wait(timeout=20)
+        check("SIGTERM mid-command: exit 0", rc == 0, rc)
+        check("... and both sockets are removed", not os.path.exists(path) and not os.path.exists(sock))
     finally:
         if proc.poll() is None:
             proc.kill()
