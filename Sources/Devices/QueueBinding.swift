@@ -25,6 +25,11 @@
 // - `withQueue` bodies requested while a relocation is in flight wait for it and run where
 //   it ended, before it reports; otherwise they run in a BH on the queue's context, after
 //   everything the controller scheduled there before.
+// - A controller on the home thread of the context concerned gets that step done before the
+//   call returns (a start registers the queue, a stop removes its kick handler): a vhost-user
+//   session whose queue runs beside it then knows, when it answers SET_VRING_ENABLE 0, that
+//   the ring takes no more requests. The reports of one binding reach the controller in the
+//   order the relocations were requested.
 import Aio
 import Synchronization
 
@@ -70,7 +75,9 @@ public final class QueueBinding: @unchecked Sendable {
     /// Stops the queue where it runs, if it runs, then continues it on `next` (nil: it stays
     /// stopped), and reports the last avail index and the pause through `done`, on
     /// `home`'s thread (a one-shot BH there) or, without `home`, on the thread where the
-    /// relocation ended. Controller only; returns at once.
+    /// relocation ended. Controller only. Called on the home thread of the context the queue
+    /// runs on (or, for a start, will run on), that step happens before it returns; the rest
+    /// goes on asynchronously.
     ///
     /// What the new context needs is allocated here, before the queue stops, so that the
     /// pause holds no allocation.
@@ -78,14 +85,16 @@ public final class QueueBinding: @unchecked Sendable {
                          _ done: @escaping @Sendable (Relocated) -> Void) {
         let queue = self.queue
         let stops = context != nil
-        let began = transit.withLock { t -> Bool in
+        let alone = transit.withLock { t -> Bool? in
             // A start only when nothing is in flight; a stop or move unless one is in flight.
-            guard stops ? t.stopsInFlight == 0 : t.inFlight == 0 else { return false }
-            t.inFlight += 1
-            if stops { t.stopsInFlight += 1 }
-            return true
+            guard stops ? t.stopsInFlight == 0 : t.inFlight == 0 else { return nil }
+            defer {
+                t.inFlight += 1
+                if stops { t.stopsInFlight += 1 }
+            }
+            return t.inFlight == 0
         }
-        precondition(began, "BUG DETECTED: queue \(queue.index) of '\(queue.name)' relocated while a relocation is in flight")
+        precondition(alone != nil, "BUG DETECTED: queue \(queue.index) of '\(queue.name)' relocated while a relocation is in flight")
         let transit = self.transit
         // Where the relocation ends (on the queue's new owner, or its old one once stopped):
         // when it is the last in flight, the waiting bodies run there; then the controller
@@ -109,35 +118,49 @@ public final class QueueBinding: @unchecked Sendable {
             }
         }
         let prepared = next.map { queue.prepareAttach($0) }
+        // The queue starts on `next` (its home thread): from here on that context takes its
+        // requests; then what queued up meanwhile is taken.
+        let attach: @Sendable (_ stopped: Int64?) -> Void = { stopped in
+            queue.register(prepared!)
+            let pause = stopped.map { monotonicNanoseconds() - $0 } ?? 0
+            queue.process()
+            report(Relocated(lastAvail: queue.lastAvail, pauseNanoseconds: pause))
+        }
         guard let from = context else {
             context = next
-            guard let next, let prepared else {
+            guard let next else {
                 report(Relocated(lastAvail: queue.lastAvail, pauseNanoseconds: 0))
                 return
             }
-            next.scheduleOneShot(name: "\(queue.name)-q\(queue.index)-attach") {
-                queue.register(prepared)
-                queue.process()  // a request may have been queued (and kicked) before the handler existed
-                report(Relocated(lastAvail: queue.lastAvail, pauseNanoseconds: 0))
+            // On `next`'s own thread the queue starts at once (a stop requested next can then
+            // be immediate too); elsewhere a BH does it.
+            if next.isOnHomeThread {
+                attach(nil)
+            } else {
+                next.scheduleOneShot(name: "\(queue.name)-q\(queue.index)-attach") { attach(nil) }
             }
             return
         }
         context = next
-        from.scheduleOneShot(name: "\(queue.name)-q\(queue.index)-stop") {
+        let stop: @Sendable () -> Void = {
             let stopped = monotonicNanoseconds()
             queue.detachOnHomeThread {
                 // Still on `from`, after the last completion: the queue's last moment here.
-                guard let next, let prepared else {
+                guard let next else {
                     report(Relocated(lastAvail: queue.lastAvail, pauseNanoseconds: monotonicNanoseconds() - stopped))
                     return
                 }
-                next.scheduleOneShot(name: "\(queue.name)-q\(queue.index)-attach") {
-                    queue.register(prepared)
-                    let pause = monotonicNanoseconds() - stopped
-                    queue.process()  // the requests queued during the pause
-                    report(Relocated(lastAvail: queue.lastAvail, pauseNanoseconds: pause))
-                }
+                next.scheduleOneShot(name: "\(queue.name)-q\(queue.index)-attach") { attach(stopped) }
             }
+        }
+        // On `from`'s own thread, with nothing ahead of it, the queue stops taking requests at
+        // once: a controller on that thread (a vhost-user session whose queue runs beside it)
+        // knows that no request is taken after this call. Elsewhere, or behind a start whose
+        // BH is still queued there, a BH does it, in order.
+        if alone! && from.isOnHomeThread {
+            stop()
+        } else {
+            from.scheduleOneShot(name: "\(queue.name)-q\(queue.index)-stop", stop)
         }
     }
 

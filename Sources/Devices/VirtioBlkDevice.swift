@@ -137,19 +137,7 @@ public final class VirtioBlkDevice: @unchecked Sendable {
     public func attach(mapping: [IOThread], placement: [IOThread] = []) async throws(DeviceError) {
         try checkLength(mapping)
         try begin(.attaching, from: .detached, otherwise: "device '\(id)' is already attached")
-        do {
-            try holds.hold(placement + mapping)
-        } catch {
-            lifecycle.withLock { $0.phase = .detached }
-            throw DeviceError(error.message)
-        }
-        let contexts = mapping.map { holds.context(of: $0) }
-        _ = await QueueBinding.relocate(Array(zip(bindings, contexts.map(Optional.some))))
-        lifecycle.withLock {
-            $0.phase = .attached
-            $0.mapping = mapping
-            $0.placement = placement
-        }
+        _ = try await place(mapping, placement, undo: .detached)
     }
 
     /// Attaches as an `iothread-vq-mapping` says: each queue to its IOThread, every entry held.
@@ -194,10 +182,17 @@ public final class VirtioBlkDevice: @unchecked Sendable {
     public func move(mapping: [IOThread], placement: [IOThread] = []) async throws(DeviceError) -> Int64 {
         try checkLength(mapping)
         try begin(.moving, from: .attached, otherwise: "device '\(id)' is not attached")
+        return try await place(mapping, placement, undo: .attached)
+    }
+
+    /// Attach and move: holds `placement` and every IOThread of `mapping` (or, if one is
+    /// stopped, goes back to `undo` and throws), relocates queue k to `mapping[k]`, releases
+    /// what is no longer used, and ends attached there. Returns the longest pause.
+    func place(_ mapping: [IOThread], _ placement: [IOThread], undo: Phase) async throws(DeviceError) -> Int64 {
         do {
             try holds.hold(placement + mapping)
         } catch {
-            lifecycle.withLock { $0.phase = .attached }
+            lifecycle.withLock { $0.phase = undo }
             throw DeviceError(error.message)
         }
         let contexts = mapping.map { holds.context(of: $0) }

@@ -15,19 +15,6 @@ import Testing
 
 @testable import Devices
 
-/// A deterministic generator (SplitMix64).
-struct Seeded {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func below(_ n: Int) -> Int { Int(next() % UInt64(n)) }
-}
-
 /// IOThreads that racers may stop; a stopped one is replaced by a fresh one under the lock.
 final class Pool: Sendable {
     let threads: Locked<[IOThread]>
@@ -38,9 +25,9 @@ final class Pool: Sendable {
         threads = Locked(try (0..<n).map { try makeIOThread("pool\($0)", backend, pollMaxNs: 0) })
         made.store(n, ordering: .relaxed)
     }
-    func pick(_ rng: inout Seeded) -> IOThread { threads.withLock { $0[rng.below($0.count)] } }
+    func pick(_ rng: inout SeededRandom) -> IOThread { threads.withLock { $0[rng.below($0.count)] } }
     /// Tries to stop one; replaces it when it stopped.
-    func tryStop(_ rng: inout Seeded) -> Result<Void, IOThreadError> {
+    func tryStop(_ rng: inout SeededRandom) -> Result<Void, IOThreadError> {
         let t = pick(&rng)
         do throws(IOThreadError) {
             try t.stop()
@@ -68,7 +55,7 @@ struct ControlPlaneTests {
             VirtioBlkDevice(id: "d2", queues: 3, queueSize: 16, backend: .delay(nanoseconds: 200_000)),
         ]
         // d0 carries a guest for the whole run.
-        var first = Seeded(state: seed)
+        var first = SeededRandom(state: seed)
         try await devices[0].attach(to: pool.pick(&first))
         let guest = try NumberingGuest(device: devices[0], depth: 8, spinning: false)
         guest.start()
@@ -78,7 +65,7 @@ struct ControlPlaneTests {
 
         /// One racer: random operations on random devices and IOThreads.
         @Sendable func race(_ r: Int) async {
-            var rng = Seeded(state: seed &* 1000 &+ UInt64(r))
+            var rng = SeededRandom(state: seed &* 1000 &+ UInt64(r))
             for _ in 0..<60 {
                 let dev = devices[rng.below(devices.count)]
                 let mapping = (0..<dev.layouts.count).map { _ in pool.pick(&rng) }

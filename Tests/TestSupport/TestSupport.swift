@@ -11,6 +11,22 @@ public let backendsUnderTest: [AioContext.Backend] = {
     return [.automatic, .epoll]
 }()
 
+/// SplitMix64: small, fast, and the same sequence everywhere for a seed (seeded tests print
+/// their seed; the same seed replays the same choices).
+public struct SeededRandom: RandomNumberGenerator {
+    public var state: UInt64
+    public init(state: UInt64) { self.state = state }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9e37_79b9_7f4a_7c15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+        return z ^ (z >> 31)
+    }
+    /// A number in 0..<n.
+    public mutating func below(_ n: Int) -> Int { Int(next() % UInt64(n)) }
+}
+
 /// Waits (bounded, 10 s by default) until `condition` holds; returns whether it did.
 public func eventually(seconds: Double = 10, _ condition: () -> Bool) -> Bool {
     let deadline = monotonicNanoseconds() + Int64(seconds * 1e9)

@@ -11,18 +11,6 @@ import Testing
 
 @testable import VhostUser
 
-/// SplitMix64: small, fast, and the same sequence everywhere for a seed.
-struct SeededRandom: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9e37_79b9_7f4a_7c15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-        return z ^ (z >> 31)
-    }
-}
-
 /// The file's size now (it must never grow: a write outside it would extend it).
 func fileSize(_ fd: Int32) -> Int {
     var st = stat()

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from checklist import Checklist
+from checklist import Checklist, warm_up
 from qemu.qmp import QMPClient
 
 check = Checklist()
@@ -123,19 +123,7 @@ async def main(binary, seconds):
             if os.path.exists(path):
                 break
             time.sleep(0.05)
-        # Warm up (a client, an IOThread, a hot-plug cycle: the runtime's own threads and
-        # descriptors are created lazily), then take the baseline.
-        q = QMPClient("warm")
-        await q.connect(path)
-        await q.execute("object-add", {"qom-type": "iothread", "id": "warm"})
-        for i in range(3):
-            await q.execute("device_add", {"driver": "virtio-blk", "id": f"w{i}", "iothread": "warm"})
-            await q.execute("device_del", {"id": f"w{i}"})
-            while (await asyncio.wait_for(q.events.get(), 10))["event"] != "DEVICE_DELETED":
-                pass
-        await q.execute("object-del", {"id": "warm"})
-        await q.disconnect()
-        await asyncio.sleep(0.2)
+        await warm_up(path)
         before = resources(proc.pid)
         fds_before = descriptors(proc.pid)
 

@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 
-from checklist import Checklist
+from checklist import Checklist, warm_up
 from qemu.qmp import ExecuteError, QMPClient
 from qmp_abuse import descriptors, resources
 
@@ -327,18 +327,7 @@ async def main(binary, seconds, seed):
             if os.path.exists(path):
                 break
             time.sleep(0.05)
-        # Warm up (lazily created threads and descriptors of the runtime), then the baseline.
-        q = QMPClient("warm")
-        await q.connect(path)
-        await q.execute("object-add", {"qom-type": "iothread", "id": "warm"})
-        with q.listener("DEVICE_DELETED") as listener:
-            for i in range(3):
-                await q.execute("device_add", {"driver": "virtio-blk", "id": f"w{i}", "iothread": "warm"})
-                await q.execute("device_del", {"id": f"w{i}"})
-                await asyncio.wait_for(listener.get(), 10)
-        await q.execute("object-del", {"id": "warm"})
-        await q.disconnect()
-        await asyncio.sleep(0.2)
+        await warm_up(path)
         before = resources(proc.pid)
         fds_before = descriptors(proc.pid)
 
