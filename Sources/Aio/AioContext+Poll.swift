@@ -14,7 +14,12 @@ extension AioContext {
         assertOnHomeThread("poll(blocking:)")
         statistics._iterations.bump()
         depth += 1
-        defer { depth -= 1 }
+        defer {
+            depth -= 1
+            // Nothing of the loop's runs above the outermost iteration: what nested ones
+            // parked can go now.
+            if depth == 0 && !parkedReleases.isEmpty { releaseParked() }
+        }
         // No busy-poll or dispatch loop is running above a top-level iteration: retired
         // handlers go now (unless one is still on the ready list, which walks unretained).
         if depth == 1 && !retiredHandlers.isEmpty && readyHead == readyHandlers.count {

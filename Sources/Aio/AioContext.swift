@@ -90,6 +90,11 @@ public final class AioContext: @unchecked Sendable {
     /// Completion I/O bookkeeping, behind a pointer (see ``RequestTable``).
     let requests: UnsafeMutablePointer<RequestTable>
     @exclusivity(unchecked) var depth = 0
+    /// The loop's last references to deleted BHs and to completion targets, dropped in a
+    /// nested iteration: a callback of an enclosing iteration may still be running with one
+    /// of them (a BH deleted during its callback, a target whose callback's nested poll ran
+    /// its last request). Released when the outermost `poll` returns, as `retiredHandlers`.
+    @exclusivity(unchecked) var parkedReleases = RawArray<Unmanaged<AnyObject>>(capacity: 4)
 
     // Cross-thread state.
     /// The words every wake-up moves between threads, on a cache line of their own (see
@@ -209,6 +214,7 @@ public final class AioContext: @unchecked Sendable {
         }
         requests.deinitialize(count: 1)
         requests.deallocate()
+        releaseParked()
         defer {
             wake.deinitialize(count: 1)
             wake.deallocate()
@@ -509,6 +515,24 @@ public final class AioContext: @unchecked Sendable {
         }
     }
 
+    /// Drops the loop's reference to a deleted BH or a completion target, or, in a nested
+    /// iteration, parks it until the outermost one returns: an enclosing iteration may be
+    /// running that object's callback through an unretained reference. (A branch on the rare
+    /// paths that drop the last reference; nothing on the per-request or per-BH path.)
+    @inline(__always)
+    func releaseOrPark(_ object: Unmanaged<AnyObject>) {
+        if depth > 1 {
+            parkedReleases.append(object)
+        } else {
+            object.release()
+        }
+    }
+
+    /// Releases what nested iterations parked (see ``parkedReleases``).
+    func releaseParked() {
+        while !parkedReleases.isEmpty { parkedReleases.removeLast().release() }
+    }
+
     /// Requests submitted and not yet completed (their callbacks not yet run).
     public var pendingRequests: Int {
         assertOnHomeThread("pendingRequests")
@@ -538,14 +562,16 @@ public final class AioContext: @unchecked Sendable {
                 progress = true
                 statistics._completions.bump()
                 // The context's hold on the target ends with its last request in flight,
-                // after the callback (which may submit again, taking a new hold).
+                // after the callback (which may submit again, taking a new hold). Unretained
+                // while the body runs: the hold keeps the target, and a nested iteration that
+                // drops it parks the release until the outermost one returns.
                 let last = target._withUnsafeGuaranteedRef { t in
                     t.inFlight -= 1
                     let last = t.inFlight == 0
                     t.body(tag, result)
                     return last
                 }
-                if last { target.release() }
+                if last { releaseOrPark(Unmanaged<AnyObject>.fromOpaque(target.toOpaque())) }
             } else if let completion = table.pointee.slots[slot].completion.take() {
                 table.pointee.free.append(slot)
                 table.pointee.inFlight -= 1
