@@ -137,15 +137,25 @@ final class IOUringMonitor: FDMonitor {
     func wait(timeout: Int64) {
         flushBacklog()
         armPending()
-        // -ETIME: timed out. -EINTR: a signal; retried with what is left of the timeout, as
-        // QEMU does, so a blocking iteration returns only with an event or at its deadline.
-        // -EBUSY/-EAGAIN: the kernel is short of resources for now; the queues are intact and
-        // the next iteration retries.
+        // A blocking iteration returns only with an event or at its deadline, so a wait that
+        // ended with no completion ready is retried with what is left of the timeout, unless
+        // it timed out (-ETIME) or the kernel is short of resources for now (-EBUSY/-EAGAIN:
+        // the queues are intact and the next iteration retries). A signal shows as -EINTR, or
+        // — when the same io_uring_enter also submitted SQEs — as the number it submitted:
+        // the kernel returns that count rather than the wait's -EINTR, and liburing 2.3
+        // passes it on (QEMU 10.2 fixed the same early return in fdmon-io_uring.c). For the
+        // same reason a timed wait that submitted SQEs and then timed out returns a count,
+        // not -ETIME: the deadline ends that one.
         let deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
         var remaining = timeout
-        while ring.submitAndWait(timeoutNanoseconds: remaining) == -EINTR && ring.readyCompletions == 0 {
-            if timeout > 0 { remaining = max(0, deadline - monotonicNanoseconds()) }
-            if timeout > 0 && remaining == 0 { break }
+        while true {
+            let rc = ring.submitAndWait(timeoutNanoseconds: remaining)
+            if timeout == 0 || ring.readyCompletions > 0 || ring.hasOverflow { break }
+            if rc == -ETIME || (rc < 0 && rc != -EINTR) { break }
+            if timeout > 0 {
+                remaining = deadline - monotonicNanoseconds()
+                if remaining <= 0 { break }
+            }
         }
         context.statistics._ringEnters.store(ring.enterCount, ordering: .relaxed)
         reap()

@@ -220,8 +220,11 @@ public struct Ring: ~Copyable {
     /// Submits what is queued and waits until at least one completion is ready or
     /// `timeoutNanoseconds` pass (-1 waits for ever, 0 does not wait).
     ///
-    /// Returns 0 or a positive count when woken by a completion, `-ETIME` on timeout,
-    /// `-EINTR` when a signal interrupted the wait, or another `-errno`.
+    /// Returns `-ETIME` on timeout, `-EINTR` when a signal interrupted the wait, another
+    /// `-errno`, or 0 or a positive count. A count does not mean a completion is ready: when
+    /// this call also submitted SQEs, the kernel returns how many it submitted even if the
+    /// wait then timed out or was interrupted (liburing 2.3 passes that on). Check
+    /// ``readyCompletions``.
     /// The timeout travels in the system call itself (`IORING_ENTER_EXT_ARG` on kernels that
     /// have it, 5.11+), so no timespec has to outlive this call — the bug QEMU fixed in 10.2.
     public mutating func submitAndWait(timeoutNanoseconds: Int64) -> Int32 {
