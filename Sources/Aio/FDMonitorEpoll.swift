@@ -11,6 +11,7 @@
 // nops complete at once and timeouts use a context timer.
 import CShims
 import Glibc
+import Synchronization
 
 final class EpollMonitor: FDMonitor {
     let epfd: Int32
@@ -117,10 +118,22 @@ final class EpollMonitor: FDMonitor {
             if pool == nil {
                 guard let p = try? WorkerPool() else { return false }
                 let ctx = context!
-                // The handler holds the pool (not the other way round): no cycle.
-                ctx.setEventNotifier(p.notifier, FdHandlerCallbacks(read: { [p, unowned(unsafe) ctx] in
-                    for (userData, result) in p.takeResults() { ctx.requestCompleted(userData: userData, result: result) }
-                }))
+                // The handler holds the pool (not the other way round): no cycle. It has a
+                // poll callback, as every handler should on epoll: one without switches
+                // adaptive polling off for the context's life (QEMU's thread pool completes
+                // through a BH, which leaves polling alone). `unowned(unsafe) ctx`: the handler
+                // is the context's and dies with it, so the context outlives every call.
+                ctx.setEventNotifier(p.notifier, FdHandlerCallbacks(
+                    read: { [p, unowned(unsafe) ctx] in
+                        for (userData, result) in p.takeResults() { ctx.requestCompleted(userData: userData, result: result) }
+                    },
+                    poll: { [p] in p.hasResults.load(ordering: .relaxed) },
+                    pollReady: { [p, unowned(unsafe) ctx] in
+                        // Found by polling, so the notifier is still set: clear it first, so that
+                        // a result finished after the take below sets it again.
+                        p.notifier.testAndClear()
+                        for (userData, result) in p.takeResults() { ctx.requestCompleted(userData: userData, result: result) }
+                    }))
                 pool = p
             }
             pool!.run(request, userData: userData)

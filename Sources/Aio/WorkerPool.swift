@@ -35,6 +35,12 @@ final class WorkerPool: Sendable {
     let state = Locked(State())
     /// Results waiting for the home thread.
     let done = Locked<[(UInt64, Int32)]>([])
+    /// Whether `done` has results: the pool notifier's poll callback, so that the handler
+    /// takes part in adaptive polling (a handler without one switches polling off on epoll,
+    /// which cannot see readiness from user space). Written under `done`'s lock; read relaxed
+    /// by the poll callback: a stale `false` only defers the results to the notifier's
+    /// wake-up, a stale `true` takes an empty batch.
+    let hasResults = Atomic<Bool>(false)
     /// Set by a worker when it put the first result on an empty done queue.
     let notifier: EventNotifier
     /// Counts jobs (and stop tokens) for the workers to take. Heap-allocated: a sem_t must
@@ -53,6 +59,7 @@ final class WorkerPool: Sendable {
         done.withLock { q in
             let items = q
             q.removeAll(keepingCapacity: true)
+            hasResults.store(false, ordering: .relaxed)
             return items
         }
     }
@@ -105,6 +112,7 @@ final class WorkerPool: Sendable {
     func finish(_ userData: UInt64, _ result: Int32) {
         let wasEmpty = done.withLock { q -> Bool in
             q.append((userData, result))
+            hasResults.store(true, ordering: .relaxed)
             return q.count == 1
         }
         // Results appended after this and before the handler takes them ride on this wake-up.
