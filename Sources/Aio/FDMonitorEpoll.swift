@@ -74,7 +74,7 @@ final class EpollMonitor: FDMonitor {
     func wait(timeout: Int64) {
         // A signal (EINTR) does not end a wait early: retry with what is left of the timeout,
         // as QEMU does, so a blocking iteration returns only with an event or at its deadline.
-        let deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
+        let deadline = timeout > 0 ? saturatingAdd(monotonicNanoseconds(), timeout) : 0
         var remaining = timeout
         var n: Int32
         while true {
@@ -98,7 +98,7 @@ final class EpollMonitor: FDMonitor {
             if n != -ENOSYS { return n }
             hasPwait2 = false
         }
-        let ms: Int32 = timeout < 0 ? -1 : Int32(clamping: (timeout + 999_999) / 1_000_000)
+        let ms: Int32 = timeout < 0 ? -1 : Int32(clamping: timeout / 1_000_000 + (timeout % 1_000_000 != 0 ? 1 : 0))
         let n = epoll_wait(epfd, events, maxEvents, ms)
         return n >= 0 ? n : -errno
     }

@@ -146,7 +146,7 @@ final class IOUringMonitor: FDMonitor {
         // passes it on (QEMU 10.2 fixed the same early return in fdmon-io_uring.c). For the
         // same reason a timed wait that submitted SQEs and then timed out returns a count,
         // not -ETIME: the deadline ends that one.
-        let deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
+        let deadline = timeout > 0 ? saturatingAdd(monotonicNanoseconds(), timeout) : 0
         var remaining = timeout
         while true {
             let rc = ring.submitAndWait(timeoutNanoseconds: remaining)

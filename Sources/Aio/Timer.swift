@@ -42,8 +42,10 @@ public final class AioTimer: @unchecked Sendable {
         unmanagedContext._withUnsafeGuaranteedRef { $0.armTimer(self, deadline: max(0, deadline)) }
     }
 
-    /// Arms the timer to fire `nanoseconds` from now.
-    public func arm(after nanoseconds: Int64) { arm(at: clock.now &+ max(0, nanoseconds)) }
+    /// Arms the timer to fire `nanoseconds` from now. A delay that reaches past the end of the
+    /// clock (`Int64.max` ns) arms it there, where it never fires; it does not wrap into the
+    /// past.
+    public func arm(after nanoseconds: Int64) { arm(at: saturatingAdd(clock.now, max(0, nanoseconds))) }
 
     /// Disarms the timer. Thread-safe; does not wake the loop (waking late is harmless).
     public func cancel() { unmanagedContext._withUnsafeGuaranteedRef { $0.cancelTimer(self) } }

@@ -46,4 +46,41 @@ struct TimerTests {
         timer.value!.cancel()
         timer.value = nil
     }
+
+    @Test("arm(after:) with a huge delay saturates instead of wrapping: the timer stays pending",
+          arguments: backends)
+    func hugeDelayDoesNotWrap(_ backend: AioContext.Backend) throws {
+        let ctx = try makeContext(backend)
+        let fired = Local(0)
+        for clock in AioClock.allCases {
+            for delay in [Int64.max, Int64.max - 1, Int64.max / 2 + 1] {
+                let t = ctx.makeTimer(clock: clock) { fired.value += 1 }
+                t.arm(after: delay)
+                while ctx.poll(blocking: false) {}
+                #expect(fired.value == 0, "\(clock) +\(delay)")
+                #expect(t.isPending)
+                #expect((t.expireTime ?? 0) > clock.now)
+                t.cancel()
+            }
+        }
+    }
+
+    @Test("a blocking poll with a timer at the far end of time still returns for another event")
+    func farDeadlineDoesNotOverflowTheWait() async {
+        await #expect(processExitsWith: .success) {
+            for backend in backends {
+                let ctx = try! AioContext(backend: backend)
+                let e = try! EventNotifier()
+                let reads = Local(0)
+                ctx.setEventNotifier(e, FdHandlerCallbacks(read: { reads.value += 1 }))
+                let t = ctx.makeTimer {}
+                t.arm(at: Int64.max - 1)
+                while ctx.poll(blocking: false) {}
+                e.set()
+                if !ctx.poll(blocking: true) || reads.value != 1 { exit(3) }
+                t.cancel()
+                ctx.removeEventNotifier(e)
+            }
+        }
+    }
 }
