@@ -297,7 +297,10 @@ extension AioContext {
             case .contextNotifier:
                 if notifier.testAndClear() { statistics._notifierWakeups.bump() }
             case .eventNotifier:
-                if h.notifier!.testAndClear(), let read = h.callbacks.read {
+                // The loop clears the notifier, so a kick must reach a callback: `read`, or for
+                // a notifier registered with poll callbacks only, `pollReady` (the work the kick
+                // stands for). QEMU does not watch such a notifier's fd at all.
+                if h.notifier!.testAndClear(), let read = h.callbacks.read ?? h.callbacks.pollReady {
                     statistics._handlerDispatches.bump()
                     read()
                     progress = true
