@@ -176,6 +176,12 @@ final class IOUringMonitor: FDMonitor {
                     toArm.append(h)
                     return
                 }
+                if c.result == -EBADF {
+                    // Not an open descriptor: it never fires, as on epoll. Re-armed, it would
+                    // fail again at once, costing a system call every iteration.
+                    h.armed = false
+                    return
+                }
                 if !c.hasMore {
                     h.armed = false  // one-shot done, or the kernel ended a multishot
                     toArm.append(h)
