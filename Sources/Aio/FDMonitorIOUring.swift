@@ -31,6 +31,8 @@ final class IOUringMonitor: FDMonitor {
     /// so a refusal delays a request but never loses or fails it.
     @exclusivity(unchecked) var backlog: ContiguousArray<(request: IORequest, userData: UInt64)> = []
     @exclusivity(unchecked) var backlogStart = 0
+    /// `ring.largestSubmission` as last published to the statistics.
+    @exclusivity(unchecked) var publishedLargestSubmission: UInt32 = 0
 
     func bind(to context: AioContext) { self.context = context }
 
@@ -158,6 +160,11 @@ final class IOUringMonitor: FDMonitor {
             }
         }
         context.statistics._ringEnters.store(ring.enterCount, ordering: .relaxed)
+        // A high-water mark: it rarely moves, so it is published only when it does.
+        if ring.largestSubmission > publishedLargestSubmission {
+            publishedLargestSubmission = ring.largestSubmission
+            context.statistics._largestSubmissionBatch.store(UInt64(publishedLargestSubmission), ordering: .relaxed)
+        }
         reap()
         armPending()
     }
