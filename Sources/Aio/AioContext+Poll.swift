@@ -26,13 +26,7 @@ extension AioContext {
             retiredHandlers.removeAll(keepingCapacity: true)
         }
         applyPendingChanges()
-        if pollParametersChanged.load(ordering: .acquiring) {
-            pollParametersChanged.store(false, ordering: .relaxed)
-            for case let h? in handlerSlots where h.pollNs != 0 {
-                h.pollNs = 0
-                statistics.publishPollWindow(fd: h.fd, ns: 0)
-            }
-        }
+        if parametersChanged.load(ordering: .acquiring) != 0 { applyParameterChanges() }
         let params = pollParameters
         var progress = false
         let start: Int64 = params.maxNs != 0 ? monotonicNanoseconds() : 0

@@ -7,7 +7,7 @@
 // Unlike QEMU, a non-blocking iteration always asks the kernel (epoll_wait with timeout
 // 0): QEMU skips that when every handler can be polled, which can starve fds (its own
 // comment admits it). A regular file, which epoll refuses, is always ready, as poll(2) and
-// io_uring report it. Completion I/O runs on a small worker pool (WorkerPool.swift) that
+// io_uring report it. Completion I/O runs on a worker pool (WorkerPool.swift) that
 // hands results back through an event notifier, as QEMU's thread pool does through a BH;
 // nops complete at once and timeouts use a context timer.
 import CShims
@@ -55,6 +55,10 @@ final class EpollMonitor: FDMonitor {
     /// handler can be polled (QEMU `aio_poll_disabled`).
     var eventsReady: Bool { context.pollDisableCount != 0 || !alwaysReady.isEmpty }
     func prepareForPolling() {}
+
+    func applyEngineParameters(_ p: AioContext.EngineParameters) {
+        pool?.setLimits(min: p.poolMin, max: p.poolMax)
+    }
 
     func register(_ h: FdHandler) {
         guard h.events != 0 else { return }
@@ -149,6 +153,9 @@ final class EpollMonitor: FDMonitor {
                         for (userData, result) in p.takeResults() { ctx.requestCompleted(userData: userData, result: result) }
                     }))
                 pool = p
+                // QEMU creates its pool on first use too, and starts thread-pool-min workers then.
+                let limits = ctx.engineParameters.withLock { $0 }
+                p.setLimits(min: limits.poolMin, max: limits.poolMax)
             }
             pool!.run(request, userData: userData)
         }

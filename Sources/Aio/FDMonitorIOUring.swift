@@ -45,6 +45,10 @@ final class IOUringMonitor: FDMonitor {
     var supportsUserspacePolling: Bool { true }
     var ownedDescriptors: [Int32] { [ring.fileDescriptor] }
 
+    func applyEngineParameters(_ p: AioContext.EngineParameters) {
+        ring.maxSubmissionBatch = UInt32(clamping: p.maxBatch)
+    }
+
     var needsWait: Bool {
         ring.pendingSubmissions > 0 || ring.readyCompletions > 0 || ring.hasOverflow || !toArm.isEmpty
             || backlogStart < backlog.count

@@ -65,7 +65,7 @@ public final class AioStatistics: Sendable {
     /// `io_uring_enter` calls (0 on the epoll backend).
     public var ringEnters: UInt64 { _ringEnters.load(ordering: .relaxed) }
     /// The most SQEs one `io_uring_enter` handed to the kernel so far (0 on the epoll
-    /// backend); bounded by aio-max-batch when that is set.
+    /// backend); at most ``AioContext/aioMaxBatch`` while that is set.
     public var largestSubmissionBatch: UInt64 { _largestSubmissionBatch.load(ordering: .relaxed) }
     /// Writes to the context's eventfd by ``AioContext/notify()``.
     public var eventfdWrites: UInt64 { _eventfdWrites.load(ordering: .relaxed) }
