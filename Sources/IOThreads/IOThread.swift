@@ -132,6 +132,7 @@ public final class IOThread: @unchecked Sendable {
         do {
             let ctx = try AioContext(backend: backend)
             ctx.setPollParameters(props.withLock { $0.pollParameters })
+            applyEngineParameters(to: ctx)
             context = ctx
             jobBH = ctx.makeBottomHalf(name: "iothread-executor") { [unowned self] in self.runJobs() }
         } catch {
@@ -188,6 +189,7 @@ public final class IOThread: @unchecked Sendable {
             return name.hasPrefix("poll-") ? p.pollParameters : nil
         }
         if let poll { context.setPollParameters(poll) }
+        if !name.hasPrefix("poll-") { applyEngineParameters(to: context) }
     }
 
     /// Reads a property by its QEMU name.
