@@ -26,6 +26,7 @@ extension AioContext {
             retiredHandlers.removeAll(keepingCapacity: true)
         }
         applyPendingChanges()
+        // Acquire: pairs with the setters' release (see applyParameterChanges).
         if parametersChanged.load(ordering: .acquiring) != 0 { applyParameterChanges() }
         let params = pollParameters
         var progress = false

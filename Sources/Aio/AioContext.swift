@@ -94,6 +94,8 @@ public final class AioContext: @unchecked Sendable {
     /// nested iteration: a callback of an enclosing iteration may still be running with one
     /// of them (a BH deleted during its callback, a target whose callback's nested poll ran
     /// its last request). Released when the outermost `poll` returns, as `retiredHandlers`.
+    /// `Unmanaged`: each entry is a +1 the loop owns, moved here instead of released.
+    /// `@exclusivity(unchecked)`: home thread only, as the state above.
     @exclusivity(unchecked) var parkedReleases = RawArray<Unmanaged<AnyObject>>(capacity: 4)
 
     // Cross-thread state.
@@ -323,7 +325,7 @@ public final class AioContext: @unchecked Sendable {
         pollMaxNs.store(p.maxNs, ordering: .relaxed)
         pollGrow.store(p.grow, ordering: .relaxed)
         pollShrink.store(p.shrink, ordering: .relaxed)
-        parametersChanged.bitwiseOr(ParameterChange.poll, ordering: .releasing)
+        parametersChanged.bitwiseOr(ParameterChange.poll, ordering: .releasing)  // pairs with the loop's acquire
         notify()
     }
 
@@ -342,6 +344,7 @@ public final class AioContext: @unchecked Sendable {
     public func setAioMaxBatch(_ n: Int) {
         precondition(n >= 0, "BUG DETECTED: aio-max-batch must not be negative")
         engineParameters.withLock { $0.maxBatch = n }
+        // Release, pairing with the loop's acquire (the value itself is behind the lock).
         parametersChanged.bitwiseOr(ParameterChange.engine, ordering: .releasing)
         notify()
     }
@@ -365,6 +368,7 @@ public final class AioContext: @unchecked Sendable {
             $0.poolMin = min
             $0.poolMax = max
         }
+        // Release, pairing with the loop's acquire (the values themselves are behind the lock).
         parametersChanged.bitwiseOr(ParameterChange.engine, ordering: .releasing)
         notify()
     }

@@ -202,10 +202,13 @@ extension AioContext {
             // nested iteration the release waits until the outermost one returns. A one-shot
             // cannot be in that position (it is linked once, and released by the level that
             // ran it, after its callback), so it goes at once.
-            if old & BottomHalf.Flags.deleted != 0 {
-                releaseOrPark(Unmanaged<AnyObject>.fromOpaque(node.toOpaque()))
-            } else if old & BottomHalf.Flags.oneShot != 0 {
-                node.release()
+            // (One test on the common path, a persistent BH, as before.)
+            if old & (BottomHalf.Flags.oneShot | BottomHalf.Flags.deleted) != 0 {
+                if old & BottomHalf.Flags.deleted != 0 {
+                    releaseOrPark(Unmanaged<AnyObject>.fromOpaque(node.toOpaque()))
+                } else {
+                    node.release()
+                }
             }
         }
         return progress

@@ -27,6 +27,7 @@ final class EpollMonitor: FDMonitor {
     /// readable and writable: marked ready on every wait, which then does not block. That is
     /// what io_uring does (a POLL_ADD on a regular file completes at once, and the one-shot
     /// re-arm repeats it every iteration) and what QEMU's ppoll fallback does.
+    /// `@exclusivity(unchecked)`: home thread only, and never in overlapping accesses.
     @exclusivity(unchecked) var alwaysReady: ContiguousArray<FdHandler> = []
 
     func bind(to context: AioContext) { self.context = context }
@@ -145,7 +146,7 @@ final class EpollMonitor: FDMonitor {
                     read: { [p, unowned(unsafe) ctx] in
                         for (userData, result) in p.takeResults() { ctx.requestCompleted(userData: userData, result: result) }
                     },
-                    poll: { [p] in p.hasResults.load(ordering: .relaxed) },
+                    poll: { [p] in p.hasResults.load(ordering: .relaxed) },  // relaxed: see hasResults
                     pollReady: { [p, unowned(unsafe) ctx] in
                         // Found by polling, so the notifier is still set: clear it first, so that
                         // a result finished after the take below sets it again.

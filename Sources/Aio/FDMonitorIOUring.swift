@@ -167,6 +167,7 @@ final class IOUringMonitor: FDMonitor {
         // A high-water mark: it rarely moves, so it is published only when it does.
         if ring.largestSubmission > publishedLargestSubmission {
             publishedLargestSubmission = ring.largestSubmission
+            // Relaxed, as every statistic: a reader may see it a little late, never torn.
             context.statistics._largestSubmissionBatch.store(UInt64(publishedLargestSubmission), ordering: .relaxed)
         }
         reap()

@@ -97,7 +97,7 @@ final class WorkerPool: @unchecked Sendable {
         done.withLock { q in
             let items = q
             q.removeAll(keepingCapacity: true)
-            hasResults.store(false, ordering: .relaxed)
+            hasResults.store(false, ordering: .relaxed)  // relaxed: under the lock, see hasResults
             return items
         }
     }
@@ -138,6 +138,8 @@ final class WorkerPool: @unchecked Sendable {
 
     /// Starts a worker. Called with `mutex` held. Returns 0 or the errno of pthread_create.
     func startWorker() -> Int32 {
+        // Unmanaged: the worker's own +1 on the pool, taken back on its thread (so the pool
+        // outlives every worker; shutdown joins them all before the context lets it go).
         let me = Unmanaged.passRetained(self).toOpaque()
         var tid = pthread_t()
         let rc = pthread_create(&tid, nil, { arg in
@@ -211,7 +213,7 @@ final class WorkerPool: @unchecked Sendable {
     func finish(_ userData: UInt64, _ result: Int32) {
         let wasEmpty = done.withLock { q -> Bool in
             q.append((userData, result))
-            hasResults.store(true, ordering: .relaxed)
+            hasResults.store(true, ordering: .relaxed)  // relaxed: under the lock, see hasResults
             return q.count == 1
         }
         // Results appended after this and before the handler takes them ride on this wake-up.

@@ -345,7 +345,7 @@ struct MultiThreadConformanceTests {
     /// first (ours run in the order they were scheduled), then the thread is joined.
     static func stop(_ t: LoopThread) {
         let ctx = t.context!
-        ctx.scheduleOneShot { t.stop.store(true, ordering: .releasing) }
+        ctx.scheduleOneShot { t.stop.store(true, ordering: .releasing) }  // pairs with the loop's acquire
         pthread_join(t.thread, nil)
         t.context = nil
     }
@@ -387,7 +387,7 @@ struct MultiThreadConformanceTests {
             })
         }
         for p in producers { pthread_join(p, nil) }
-        // Five stoppers, released together.
+        // Five stoppers, released together (release/acquire: nothing rides on it but the start).
         let go = Atomic<Bool>(false)
         var stoppers: [pthread_t] = []
         for t in threads {
@@ -412,6 +412,8 @@ struct MultiThreadConformanceTests {
         let contexts = threads.map { $0.context! }
         let counts = (0..<Self.contexts).map { _ in Confined() }
         let hopsPerToken = 2000
+        // Counters: relaxed, read after the threads were synced or joined, which orders them;
+        // `finished` is released by the last hop and acquired by the wait below.
         let finished = Atomic<Int>(0), offHome = Atomic<Int>(0), here = Atomic<Int>(0), other = Atomic<Int>(0)
 
         @Sendable func hop(token: Int, into n: Int, remaining: Int, random: SplitMix) {
@@ -451,6 +453,8 @@ struct MultiThreadConformanceTests {
     func mutexPthread(_ backend: AioContext.Backend) throws {
         let threads = (0..<Self.contexts).map { _ in LoopThread(backend: backend) }
         let counter = Locked(0)
+        // `atomicCounter` relaxed (read after the joins); `running` released by each context's
+        // last BH and acquired by the wait below.
         let atomicCounter = Atomic<Int>(0), running = Atomic<Int>(Self.contexts)
         let rounds = 5000
         var bhs: [Local<BottomHalf?>] = []

@@ -52,7 +52,8 @@ struct EngineParameterTests {
     @Test("the worker pool grows to thread-pool-min, shrinks to thread-pool-max, and idle workers above the minimum exit")
     func workerPoolFollowsItsBounds() async {
         await #expect(processExitsWith: .success) {
-            WorkerPool.idleTimeoutNanoseconds.store(20_000_000, ordering: .relaxed)  // QEMU: 10 s
+            // QEMU: 10 s. Relaxed: stored before any worker exists (thread creation orders it).
+            WorkerPool.idleTimeoutNanoseconds.store(20_000_000, ordering: .relaxed)
             let ctx = try! AioContext(backend: .epoll)
             var path = Array("/tmp/dp-pool-XXXXXX".utf8CString)
             let fd = mkstemp(&path)

@@ -43,6 +43,7 @@ struct NestedPollTests {
           .timeLimit(.minutes(1)), arguments: backends)
     func bottomHalfDeletedElsewhereOutlivesNestedPoll(_ backend: AioContext.Backend) throws {
         let ctx = try makeContext(backend)
+        // Release/acquire hand-offs between the loop's callback and the deleting thread.
         let inCallback = Atomic<Bool>(false), deleted = Atomic<Bool>(false)
         let box = WeakBox<BottomHalf>()
         let aliveAfterNested = Local<Bool?>(nil)
@@ -181,13 +182,14 @@ struct NestedPollTests {
           .timeLimit(.minutes(1)), arguments: backends)
     func blockingNestedPollIsWokenFromAnotherThread(_ backend: AioContext.Backend) throws {
         let ctx = try makeContext(backend)
+        // Relaxed: written and read on the home thread (by the one-shot and the nested loop).
         let woken = Atomic<Bool>(false)
         let slept = Local<UInt64>(0), writes = Local<UInt64>(0), nestedPolls = Local(0)
         let outer = ctx.makeBottomHalf {
             let waits = ctx.statistics.blockingWaits, eventfdWrites = ctx.statistics.eventfdWrites
             let tid = dp_gettid()
-            // Schedules once the nested poll announced that it may sleep (notify_me != 0) and
-            // sleeps in the kernel.
+            // Schedules once the nested poll announced that it may sleep (notify_me != 0, read
+            // with acquire as notify() does it more strongly) and sleeps in the kernel.
             let other = try! spawn {
                 while ctx.wake.pointee.notifyMe.load(ordering: .acquiring) == 0 || threadState(tid) != "S" { usleep(100) }
                 ctx.scheduleOneShot { woken.store(true, ordering: .relaxed) }
@@ -207,7 +209,7 @@ struct NestedPollTests {
         #expect(slept.value >= 1, "the nested poll waited in the kernel")
         #expect(writes.value == 1, "and was woken through the eventfd, once")
         #expect(nestedPolls.value >= 1)
-        let notifyMe = ctx.wake.pointee.notifyMe.load(ordering: .relaxed)
+        let notifyMe = ctx.wake.pointee.notifyMe.load(ordering: .relaxed)  // home thread: its own writes
         #expect(notifyMe == 0, "every announcement was withdrawn")
         outer.delete()
     }

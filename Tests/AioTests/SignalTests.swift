@@ -8,7 +8,8 @@ import Uring
 
 @testable import Aio
 
-/// Deliveries of SIGUSR1 to the handler below (a lock-free add is async-signal-safe).
+/// Deliveries of SIGUSR1 to the handler below (a lock-free add is async-signal-safe; relaxed:
+/// a count, waited for by polling).
 let signalsDelivered = Atomic<Int>(0)
 
 /// Installs a SIGUSR1 handler without SA_RESTART, so that a blocked system call returns EINTR.
@@ -79,7 +80,7 @@ struct SignalledPoll {
 /// SIGUSR1s, each while the thread sleeps in the kernel.
 func blockingPollWhileSignalled(_ backend: AioContext.Backend, signals: Int, queueRequest: Bool) throws -> SignalledPoll {
     installSignalCounter()
-    let tid = Atomic<Int32>(0)
+    let tid = Atomic<Int32>(0)  // release/acquire: the thread is set up once it is published
     let outcome = Locked<SignalledPoll?>(nil)
     let thread = try spawn {
         acceptSignals()

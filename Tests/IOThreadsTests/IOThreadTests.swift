@@ -222,6 +222,8 @@ struct WakeupCountingTests {
         // however loaded the machine is: no round has to be classified by how long it took.
         // (The final poll after poll-end comes after that announcement, as in QEMU: a BH
         // scheduled then may rightly write the eventfd, so the callback does not hold there.)
+        // Release/acquire hand-offs of the round numbers; `inWindow` and `kicks` relaxed: the
+        // loop thread alone writes `inWindow` and reads it, `kicks` is a count polled for.
         let requested = Atomic<Int>(0)  // the round this thread asks for
         let holding = Atomic<Int>(0)  // the round the loop holds its window for
         let scheduled = Atomic<Int>(0)  // the round whose BH was scheduled
@@ -252,7 +254,7 @@ struct WakeupCountingTests {
         }
         try #require((t.statistics.pollWindows[fd] ?? 0) > 0, "the handler polls")
         let ran = Atomic<Int>(0)
-        let bh = t.context.makeBottomHalf { ran.add(1, ordering: .releasing) }
+        let bh = t.context.makeBottomHalf { ran.add(1, ordering: .releasing) }  // acquired by the wait below
         defer { bh.delete() }
         let writesBefore = t.statistics.eventfdWrites
         let rounds = 200
