@@ -10,7 +10,6 @@
 // gets a different member name (`fds_bits` instead of `__fds_bits`) than in SwiftGlibc and a
 // clean build fails with "'__fds_bits' from module 'SwiftGlibc' is not present in
 // definition of 'fd_set' in module 'CLiburing'" (an incremental build then passes).
-// See ../shared/spec/PITFALLS.md, item 1.
 #include <sys/select.h>
 #include <signal.h>
 #include <sys/socket.h>

@@ -1,5 +1,5 @@
 // The C reference for Dataplane's benchmarks: the same workloads (W1 wake-rtt, W2
-// bh-throughput, W3 virtqueue, W4 io, W5 timers; ../../../shared/spec/WORKLOADS.md) on raw
+// bh-throughput, W3 virtqueue, W4 io, W5 timers; Benchmarks/WORKLOADS.md) on raw
 // liburing, with the same wake-up protocol as AioContext (notify_me / notified, an eventfd
 // watched by a multishot POLL_ADD), the same split-ring layout and notification suppression
 // as Sources/Devices, and QEMU's adaptive-polling rule, so that `make bench` can print

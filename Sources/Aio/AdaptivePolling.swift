@@ -19,7 +19,9 @@ public struct PollParameters: Sendable, Equatable {
 }
 
 /// QEMU's per-handler grow/shrink rule (`adjust_polling_time`, util/aio-posix.c, 10.x),
-/// exactly: a pure function, so it is tested with made-up numbers and no clock.
+/// exactly, but for one thing: growth saturates at `poll-max-ns` where QEMU's int64
+/// multiplication overflows (a huge `poll-grow` made the window negative). A pure function,
+/// so it is tested with made-up numbers and no clock.
 public enum AdaptivePolling {
     /// The first growth step: "start polling at 4 microseconds".
     public static let initialNs: Int64 = 4000
@@ -35,8 +37,9 @@ public enum AdaptivePolling {
             return p.shrink != 0 ? n / p.shrink : 0  // polling did not pay: shrink
         } else if n < p.maxNs && blockNs < p.maxNs {
             let g = p.grow != 0 ? p.grow : 2  // the event came a little too late: grow
-            let grown = n != 0 ? n &* g : initialNs
-            return min(grown, p.maxNs)
+            guard n != 0 else { return min(initialNs, p.maxNs) }
+            let (grown, overflow) = n.multipliedReportingOverflow(by: g)
+            return overflow ? p.maxNs : min(grown, p.maxNs)
         }
         return n  // only when blockNs == maxNs
     }

@@ -14,20 +14,20 @@ extension AioContext {
         assertOnHomeThread("poll(blocking:)")
         statistics._iterations.bump()
         depth += 1
-        defer { depth -= 1 }
+        defer {
+            depth -= 1
+            // Nothing of the loop's runs above the outermost iteration: what nested ones
+            // parked can go now.
+            if depth == 0 && !parkedReleases.isEmpty { releaseParked() }
+        }
         // No busy-poll or dispatch loop is running above a top-level iteration: retired
         // handlers go now (unless one is still on the ready list, which walks unretained).
         if depth == 1 && !retiredHandlers.isEmpty && readyHead == readyHandlers.count {
             retiredHandlers.removeAll(keepingCapacity: true)
         }
         applyPendingChanges()
-        if pollParametersChanged.load(ordering: .acquiring) {
-            pollParametersChanged.store(false, ordering: .relaxed)
-            for case let h? in handlerSlots where h.pollNs != 0 {
-                h.pollNs = 0
-                statistics.publishPollWindow(fd: h.fd, ns: 0)
-            }
-        }
+        // Acquire: pairs with the setters' release (see applyParameterChanges).
+        if parametersChanged.load(ordering: .acquiring) != 0 { applyParameterChanges() }
         let params = pollParameters
         var progress = false
         let start: Int64 = params.maxNs != 0 ? monotonicNanoseconds() : 0
@@ -292,7 +292,10 @@ extension AioContext {
             case .contextNotifier:
                 if notifier.testAndClear() { statistics._notifierWakeups.bump() }
             case .eventNotifier:
-                if h.notifier!.testAndClear(), let read = h.callbacks.read {
+                // The loop clears the notifier, so a kick must reach a callback: `read`, or for
+                // a notifier registered with poll callbacks only, `pollReady` (the work the kick
+                // stands for). QEMU does not watch such a notifier's fd at all.
+                if h.notifier!.testAndClear(), let read = h.callbacks.read ?? h.callbacks.pollReady {
                     statistics._handlerDispatches.bump()
                     read()
                     progress = true

@@ -90,6 +90,13 @@ public final class AioContext: @unchecked Sendable {
     /// Completion I/O bookkeeping, behind a pointer (see ``RequestTable``).
     let requests: UnsafeMutablePointer<RequestTable>
     @exclusivity(unchecked) var depth = 0
+    /// The loop's last references to deleted BHs and to completion targets, dropped in a
+    /// nested iteration: a callback of an enclosing iteration may still be running with one
+    /// of them (a BH deleted during its callback, a target whose callback's nested poll ran
+    /// its last request). Released when the outermost `poll` returns, as `retiredHandlers`.
+    /// `Unmanaged`: each entry is a +1 the loop owns, moved here instead of released.
+    /// `@exclusivity(unchecked)`: home thread only, as the state above.
+    @exclusivity(unchecked) var parkedReleases = RawArray<Unmanaged<AnyObject>>(capacity: 4)
 
     // Cross-thread state.
     /// The words every wake-up moves between threads, on a cache line of their own (see
@@ -105,7 +112,24 @@ public final class AioContext: @unchecked Sendable {
     let pollMaxNs = Atomic<Int64>(0)
     let pollGrow = Atomic<Int64>(0)
     let pollShrink = Atomic<Int64>(0)
-    let pollParametersChanged = Atomic<Bool>(false)
+    /// Which parameters a setter changed since the loop last looked (`ParameterChange` bits):
+    /// one load per iteration covers them all.
+    let parametersChanged = Atomic<UInt8>(0)
+    /// aio-max-batch and the worker pool's bounds, applied by the home thread.
+    let engineParameters = Locked(EngineParameters())
+
+    enum ParameterChange {
+        static let poll: UInt8 = 1
+        static let engine: UInt8 = 2
+    }
+
+    /// QEMU's `aio_max_batch`, `thread_pool_min` and `thread_pool_max` of an AioContext, with
+    /// `aio_context_new`'s defaults.
+    struct EngineParameters {
+        var maxBatch = 0
+        var poolMin = 0
+        var poolMax = 64
+    }
 
     /// The atomics a scheduler and the loop both write on every wake-up. In the class they
     /// shared a cache line with the loop's own counters (`depth` changes twice per
@@ -209,6 +233,7 @@ public final class AioContext: @unchecked Sendable {
         }
         requests.deinitialize(count: 1)
         requests.deallocate()
+        releaseParked()
         defer {
             wake.deinitialize(count: 1)
             wake.deallocate()
@@ -300,8 +325,69 @@ public final class AioContext: @unchecked Sendable {
         pollMaxNs.store(p.maxNs, ordering: .relaxed)
         pollGrow.store(p.grow, ordering: .relaxed)
         pollShrink.store(p.shrink, ordering: .relaxed)
-        pollParametersChanged.store(true, ordering: .releasing)
+        parametersChanged.bitwiseOr(ParameterChange.poll, ordering: .releasing)  // pairs with the loop's acquire
         notify()
+    }
+
+    // MARK: - Engine parameters (QEMU aio_context_set_aio_params, ..._set_thread_pool_params)
+
+    /// The most requests one submission hands to the kernel (QEMU's `aio-max-batch`); 0, the
+    /// default, lets the engine choose: as many as are queued, up to the ring's 256.
+    public var aioMaxBatch: Int { engineParameters.withLock { $0.maxBatch } }
+
+    /// Sets ``aioMaxBatch``. Thread-safe; takes effect on the loop's next iteration. On io_uring
+    /// no `io_uring_enter` then hands the kernel more than `n` SQEs (a full batch is submitted
+    /// before the next request joins it; ``AioStatistics/largestSubmissionBatch`` shows it).
+    /// On epoll there is nothing to batch (the worker pool takes requests one by one), so it
+    /// has no effect there.
+    /// - Precondition: `n >= 0` (the IOThread property checks QEMU's range and text).
+    public func setAioMaxBatch(_ n: Int) {
+        precondition(n >= 0, "BUG DETECTED: aio-max-batch must not be negative")
+        engineParameters.withLock { $0.maxBatch = n }
+        // Release, pairing with the loop's acquire (the value itself is behind the lock).
+        parametersChanged.bitwiseOr(ParameterChange.engine, ordering: .releasing)
+        notify()
+    }
+
+    /// The worker pool's bounds (QEMU's `thread-pool-min` and `thread-pool-max`), 0 and 64 by
+    /// default.
+    public var threadPoolLimits: (min: Int, max: Int) { engineParameters.withLock { ($0.poolMin, $0.poolMax) } }
+
+    /// Sets ``threadPoolLimits``. Thread-safe; takes effect on the loop's next iteration, as
+    /// QEMU's `thread_pool_update_params` does: the pool starts workers up to `min` at once,
+    /// and those above `max` exit (idle ones at once, busy ones when their request is done);
+    /// a worker idle for 10 s exits while there are more than `min`. A request that finds no
+    /// idle worker starts one while there are fewer than `max`. Only the epoll backend has a
+    /// pool (io_uring does its I/O in the kernel); it is created, with these bounds, by the
+    /// first read, write, fsync or fallocate.
+    /// - Precondition: `0 <= min <= max` and `max > 0` (the IOThread properties check QEMU's
+    ///   limits and text).
+    public func setThreadPoolLimits(min: Int, max: Int) {
+        precondition(min >= 0 && min <= max && max > 0, "BUG DETECTED: thread pool limits need 0 <= min <= max, max > 0")
+        engineParameters.withLock {
+            $0.poolMin = min
+            $0.poolMax = max
+        }
+        // Release, pairing with the loop's acquire (the values themselves are behind the lock).
+        parametersChanged.bitwiseOr(ParameterChange.engine, ordering: .releasing)
+        notify()
+    }
+
+    /// Applies what setters changed (home thread, at the start of an iteration). Out of line:
+    /// it runs only after a setter.
+    @inline(never)
+    func applyParameterChanges() {
+        // Acquire: the values stored before the setter's release are visible.
+        let changed = parametersChanged.exchange(0, ordering: .acquiring)
+        if changed & ParameterChange.poll != 0 {
+            for case let h? in handlerSlots where h.pollNs != 0 {
+                h.pollNs = 0
+                statistics.publishPollWindow(fd: h.fd, ns: 0)
+            }
+        }
+        if changed & ParameterChange.engine != 0 {
+            monitor.applyEngineParameters(engineParameters.withLock { $0 })
+        }
     }
 
     // MARK: - Bottom halves
@@ -451,7 +537,8 @@ public final class AioContext: @unchecked Sendable {
 
     /// Submits a request on this context's ring; `completion` runs on the home thread with
     /// the result (a byte count, 0, or `-errno`). Home thread only. On the epoll backend
-    /// reads, writes and fsyncs run on a small worker pool instead.
+    /// reads, writes and fsyncs run on a worker pool instead (see
+    /// ``setThreadPoolLimits(min:max:)``).
     ///
     /// The closure is retained while the request is in flight: for many requests that share
     /// one callback, ``submit(_:to:tag:)`` takes no reference per request.
@@ -509,6 +596,24 @@ public final class AioContext: @unchecked Sendable {
         }
     }
 
+    /// Drops the loop's reference to a deleted BH or a completion target, or, in a nested
+    /// iteration, parks it until the outermost one returns: an enclosing iteration may be
+    /// running that object's callback through an unretained reference. (A branch on the rare
+    /// paths that drop the last reference; nothing on the per-request or per-BH path.)
+    @inline(__always)
+    func releaseOrPark(_ object: Unmanaged<AnyObject>) {
+        if depth > 1 {
+            parkedReleases.append(object)
+        } else {
+            object.release()
+        }
+    }
+
+    /// Releases what nested iterations parked (see ``parkedReleases``).
+    func releaseParked() {
+        while !parkedReleases.isEmpty { parkedReleases.removeLast().release() }
+    }
+
     /// Requests submitted and not yet completed (their callbacks not yet run).
     public var pendingRequests: Int {
         assertOnHomeThread("pendingRequests")
@@ -538,14 +643,16 @@ public final class AioContext: @unchecked Sendable {
                 progress = true
                 statistics._completions.bump()
                 // The context's hold on the target ends with its last request in flight,
-                // after the callback (which may submit again, taking a new hold).
+                // after the callback (which may submit again, taking a new hold). Unretained
+                // while the body runs: the hold keeps the target, and a nested iteration that
+                // drops it parks the release until the outermost one returns.
                 let last = target._withUnsafeGuaranteedRef { t in
                     t.inFlight -= 1
                     let last = t.inFlight == 0
                     t.body(tag, result)
                     return last
                 }
-                if last { target.release() }
+                if last { releaseOrPark(Unmanaged<AnyObject>.fromOpaque(target.toOpaque())) }
             } else if let completion = table.pointee.slots[slot].completion.take() {
                 table.pointee.free.append(slot)
                 table.pointee.inFlight -= 1

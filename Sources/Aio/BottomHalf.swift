@@ -188,15 +188,28 @@ extension AioContext {
                 if old & (BottomHalf.Flags.scheduled | BottomHalf.Flags.deleted) == BottomHalf.Flags.scheduled {
                     if old & BottomHalf.Flags.idle == 0 { progress = true }
                     statistics._bottomHalvesRun.bump()
-                    // The callback may delete the BH: that links it again with a new +1, so
-                    // it outlives this call.
+                    // The callback may delete the BH (so may another thread): that links it
+                    // again with the loop's +1. A nested poll in the callback that unlinks it
+                    // parks that +1 (see below), so the BH outlives this call.
                     bh.callback()
                 }
                 return old
             }
             // A one-shot that ran, or a deleted BH: drop the loop's +1. A one-shot is never
-            // scheduled again, and a deleted BH never linked again, so this is the last use.
-            if old & (BottomHalf.Flags.oneShot | BottomHalf.Flags.deleted) != 0 { node.release() }
+            // scheduled again, and a deleted BH never linked again, so this is the last use
+            // here. But a deleted BH's callback may still be running in an enclosing
+            // iteration (it deleted itself, or was deleted, and then called `poll`): in a
+            // nested iteration the release waits until the outermost one returns. A one-shot
+            // cannot be in that position (it is linked once, and released by the level that
+            // ran it, after its callback), so it goes at once.
+            // (One test on the common path, a persistent BH, as before.)
+            if old & (BottomHalf.Flags.oneShot | BottomHalf.Flags.deleted) != 0 {
+                if old & BottomHalf.Flags.deleted != 0 {
+                    releaseOrPark(Unmanaged<AnyObject>.fromOpaque(node.toOpaque()))
+                } else {
+                    node.release()
+                }
+            }
         }
         return progress
     }

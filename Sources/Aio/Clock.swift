@@ -25,3 +25,11 @@ public func monotonicNanoseconds() -> Int64 { AioClock.monotonic.now }
 func soonest(_ a: Int64, _ b: Int64) -> Int64 {
     UInt64(bitPattern: a) < UInt64(bitPattern: b) ? a : b
 }
+
+/// `a + b`, clamped to `Int64.max` (and `.min`) instead of wrapping: deadlines computed from
+/// caller-supplied delays, and from timeouts that reach the end of time.
+@inlinable
+func saturatingAdd(_ a: Int64, _ b: Int64) -> Int64 {
+    let (sum, overflow) = a.addingReportingOverflow(b)
+    return overflow ? (b > 0 ? .max : .min) : sum
+}

@@ -30,6 +30,8 @@ protocol FDMonitor: AnyObject {
     func prepareForPolling()
     /// Submits completion I/O; returns false if it cannot take it now.
     func submit(_ request: IORequest, userData: UInt64) -> Bool
+    /// Applies aio-max-batch (io_uring) and the worker pool's bounds (epoll).
+    func applyEngineParameters(_ p: AioContext.EngineParameters)
     /// io_uring enters so far (0 for epoll).
     var ringEnters: UInt64 { get }
     /// The descriptors the backend owns (for leak checks).

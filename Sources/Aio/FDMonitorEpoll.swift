@@ -6,11 +6,13 @@
 // rounded up to whole ms ("better to wait too long than to busy-wait", as QEMU says).
 // Unlike QEMU, a non-blocking iteration always asks the kernel (epoll_wait with timeout
 // 0): QEMU skips that when every handler can be polled, which can starve fds (its own
-// comment admits it). Completion I/O runs on a small worker pool (WorkerPool.swift) that
+// comment admits it). A regular file, which epoll refuses, is always ready, as poll(2) and
+// io_uring report it. Completion I/O runs on a worker pool (WorkerPool.swift) that
 // hands results back through an event notifier, as QEMU's thread pool does through a BH;
 // nops complete at once and timeouts use a context timer.
 import CShims
 import Glibc
+import Synchronization
 
 final class EpollMonitor: FDMonitor {
     let epfd: Int32
@@ -21,6 +23,12 @@ final class EpollMonitor: FDMonitor {
     @exclusivity(unchecked) var hasPwait2 = true
     /// Started on the first read, write or fsync.
     @exclusivity(unchecked) var pool: WorkerPool?
+    /// Handlers of regular files, which epoll refuses (EPERM) and poll(2) reports always
+    /// readable and writable: marked ready on every wait, which then does not block. That is
+    /// what io_uring does (a POLL_ADD on a regular file completes at once, and the one-shot
+    /// re-arm repeats it every iteration) and what QEMU's ppoll fallback does.
+    /// `@exclusivity(unchecked)`: home thread only, and never in overlapping accesses.
+    @exclusivity(unchecked) var alwaysReady: ContiguousArray<FdHandler> = []
 
     func bind(to context: AioContext) { self.context = context }
 
@@ -46,8 +54,12 @@ final class EpollMonitor: FDMonitor {
     var needsWait: Bool { true }
     /// epoll cannot see readiness from user space: polling is possible only while every
     /// handler can be polled (QEMU `aio_poll_disabled`).
-    var eventsReady: Bool { context.pollDisableCount != 0 }
+    var eventsReady: Bool { context.pollDisableCount != 0 || !alwaysReady.isEmpty }
     func prepareForPolling() {}
+
+    func applyEngineParameters(_ p: AioContext.EngineParameters) {
+        pool?.setLimits(min: p.poolMin, max: p.poolMax)
+    }
 
     func register(_ h: FdHandler) {
         guard h.events != 0 else { return }
@@ -57,23 +69,30 @@ final class EpollMonitor: FDMonitor {
         if epoll_ctl(epfd, EPOLL_CTL_ADD, h.fd, &ev) == 0 {
             h.armed = true
         } else {
-            // EPERM: a regular file (always ready, cannot be watched), EBADF: not an fd.
-            // Such a handler simply never fires, as with a failed POLL_ADD on io_uring.
             h.armed = false
+            // EPERM: a regular file, always ready (see `alwaysReady`). EBADF: not an open
+            // descriptor, which never fires, as on io_uring (whose POLL_ADD fails with -EBADF
+            // and is not re-armed).
+            if errno == EPERM { alwaysReady.append(h) }
         }
     }
 
     func unregister(_ h: FdHandler) {
+        if !alwaysReady.isEmpty, let i = alwaysReady.firstIndex(where: { $0 === h }) {
+            alwaysReady.remove(at: i)
+            return
+        }
         guard h.armed else { return }
         h.armed = false
         // ENOENT/EBADF when the owner already closed the fd: the kernel dropped it already.
         _ = epoll_ctl(epfd, EPOLL_CTL_DEL, h.fd, nil)
     }
 
-    func wait(timeout: Int64) {
+    func wait(timeout requested: Int64) {
+        let timeout = alwaysReady.isEmpty ? requested : 0
         // A signal (EINTR) does not end a wait early: retry with what is left of the timeout,
         // as QEMU does, so a blocking iteration returns only with an event or at its deadline.
-        let deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
+        let deadline = timeout > 0 ? saturatingAdd(monotonicNanoseconds(), timeout) : 0
         var remaining = timeout
         var n: Int32
         while true {
@@ -81,6 +100,7 @@ final class EpollMonitor: FDMonitor {
             guard n == -EINTR else { break }
             if timeout > 0 { remaining = max(0, deadline - monotonicNanoseconds()) }
         }
+        for h in alwaysReady where !h.deleted { context.markReady(h, revents: h.events & (0x001 | 0x004)) }
         guard n > 0 else { return }
         for i in 0..<Int(n) {
             let ev = events[i]
@@ -97,7 +117,7 @@ final class EpollMonitor: FDMonitor {
             if n != -ENOSYS { return n }
             hasPwait2 = false
         }
-        let ms: Int32 = timeout < 0 ? -1 : Int32(clamping: (timeout + 999_999) / 1_000_000)
+        let ms: Int32 = timeout < 0 ? -1 : Int32(clamping: timeout / 1_000_000 + (timeout % 1_000_000 != 0 ? 1 : 0))
         let n = epoll_wait(epfd, events, maxEvents, ms)
         return n >= 0 ? n : -errno
     }
@@ -117,11 +137,26 @@ final class EpollMonitor: FDMonitor {
             if pool == nil {
                 guard let p = try? WorkerPool() else { return false }
                 let ctx = context!
-                // The handler holds the pool (not the other way round): no cycle.
-                ctx.setEventNotifier(p.notifier, FdHandlerCallbacks(read: { [p, unowned(unsafe) ctx] in
-                    for (userData, result) in p.takeResults() { ctx.requestCompleted(userData: userData, result: result) }
-                }))
+                // The handler holds the pool (not the other way round): no cycle. It has a
+                // poll callback, as every handler should on epoll: one without switches
+                // adaptive polling off for the context's life (QEMU's thread pool completes
+                // through a BH, which leaves polling alone). `unowned(unsafe) ctx`: the handler
+                // is the context's and dies with it, so the context outlives every call.
+                ctx.setEventNotifier(p.notifier, FdHandlerCallbacks(
+                    read: { [p, unowned(unsafe) ctx] in
+                        for (userData, result) in p.takeResults() { ctx.requestCompleted(userData: userData, result: result) }
+                    },
+                    poll: { [p] in p.hasResults.load(ordering: .relaxed) },  // relaxed: see hasResults
+                    pollReady: { [p, unowned(unsafe) ctx] in
+                        // Found by polling, so the notifier is still set: clear it first, so that
+                        // a result finished after the take below sets it again.
+                        p.notifier.testAndClear()
+                        for (userData, result) in p.takeResults() { ctx.requestCompleted(userData: userData, result: result) }
+                    }))
                 pool = p
+                // QEMU creates its pool on first use too, and starts thread-pool-min workers then.
+                let limits = ctx.engineParameters.withLock { $0 }
+                p.setLimits(min: limits.poolMin, max: limits.poolMax)
             }
             pool!.run(request, userData: userData)
         }

@@ -31,6 +31,8 @@ final class IOUringMonitor: FDMonitor {
     /// so a refusal delays a request but never loses or fails it.
     @exclusivity(unchecked) var backlog: ContiguousArray<(request: IORequest, userData: UInt64)> = []
     @exclusivity(unchecked) var backlogStart = 0
+    /// `ring.largestSubmission` as last published to the statistics.
+    @exclusivity(unchecked) var publishedLargestSubmission: UInt32 = 0
 
     func bind(to context: AioContext) { self.context = context }
 
@@ -42,6 +44,10 @@ final class IOUringMonitor: FDMonitor {
     var ringEnters: UInt64 { ring.enterCount }
     var supportsUserspacePolling: Bool { true }
     var ownedDescriptors: [Int32] { [ring.fileDescriptor] }
+
+    func applyEngineParameters(_ p: AioContext.EngineParameters) {
+        ring.maxSubmissionBatch = UInt32(clamping: p.maxBatch)
+    }
 
     var needsWait: Bool {
         ring.pendingSubmissions > 0 || ring.readyCompletions > 0 || ring.hasOverflow || !toArm.isEmpty
@@ -137,17 +143,33 @@ final class IOUringMonitor: FDMonitor {
     func wait(timeout: Int64) {
         flushBacklog()
         armPending()
-        // -ETIME: timed out. -EINTR: a signal; retried with what is left of the timeout, as
-        // QEMU does, so a blocking iteration returns only with an event or at its deadline.
-        // -EBUSY/-EAGAIN: the kernel is short of resources for now; the queues are intact and
-        // the next iteration retries.
-        let deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
+        // A blocking iteration returns only with an event or at its deadline, so a wait that
+        // ended with no completion ready is retried with what is left of the timeout, unless
+        // it timed out (-ETIME) or the kernel is short of resources for now (-EBUSY/-EAGAIN:
+        // the queues are intact and the next iteration retries). A signal shows as -EINTR, or
+        // — when the same io_uring_enter also submitted SQEs — as the number it submitted:
+        // the kernel returns that count rather than the wait's -EINTR, and liburing 2.3
+        // passes it on (QEMU 10.2 fixed the same early return in fdmon-io_uring.c). For the
+        // same reason a timed wait that submitted SQEs and then timed out returns a count,
+        // not -ETIME: the deadline ends that one.
+        let deadline = timeout > 0 ? saturatingAdd(monotonicNanoseconds(), timeout) : 0
         var remaining = timeout
-        while ring.submitAndWait(timeoutNanoseconds: remaining) == -EINTR && ring.readyCompletions == 0 {
-            if timeout > 0 { remaining = max(0, deadline - monotonicNanoseconds()) }
-            if timeout > 0 && remaining == 0 { break }
+        while true {
+            let rc = ring.submitAndWait(timeoutNanoseconds: remaining)
+            if timeout == 0 || ring.readyCompletions > 0 || ring.hasOverflow { break }
+            if rc == -ETIME || (rc < 0 && rc != -EINTR) { break }
+            if timeout > 0 {
+                remaining = deadline - monotonicNanoseconds()
+                if remaining <= 0 { break }
+            }
         }
         context.statistics._ringEnters.store(ring.enterCount, ordering: .relaxed)
+        // A high-water mark: it rarely moves, so it is published only when it does.
+        if ring.largestSubmission > publishedLargestSubmission {
+            publishedLargestSubmission = ring.largestSubmission
+            // Relaxed, as every statistic: a reader may see it a little late, never torn.
+            context.statistics._largestSubmissionBatch.store(UInt64(publishedLargestSubmission), ordering: .relaxed)
+        }
         reap()
         armPending()
     }
@@ -164,6 +186,12 @@ final class IOUringMonitor: FDMonitor {
                     h.multishot = false
                     h.armed = false
                     toArm.append(h)
+                    return
+                }
+                if c.result == -EBADF {
+                    // Not an open descriptor: it never fires, as on epoll. Re-armed, it would
+                    // fail again at once, costing a system call every iteration.
+                    h.armed = false
                     return
                 }
                 if !c.hasMore {

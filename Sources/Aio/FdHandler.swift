@@ -1,7 +1,9 @@
 /// The callbacks of an fd handler or event notifier. All run on the context's home thread.
 ///
 /// - `read` runs when the fd is readable (or hung up, or in error); for an event notifier,
-///   after the notifier was cleared, once per batch of ``EventNotifier/set()`` calls.
+///   after the notifier was cleared, once per batch of ``EventNotifier/set()`` calls. An event
+///   notifier registered without `read` runs `pollReady` there instead: the loop clears the
+///   notifier, so the kick must reach a callback.
 /// - `write` runs when the fd is writable.
 /// - `poll` is a cheap readiness check used while busy-polling; `pollReady` does the work
 ///   when it returned true. `poll` is ignored without `pollReady` (as in QEMU).

@@ -18,6 +18,7 @@ public final class AioStatistics: Sendable {
     let _blockingWaits = Atomic<UInt64>(0)
     let _notifierWakeups = Atomic<UInt64>(0)
     let _ringEnters = Atomic<UInt64>(0)
+    let _largestSubmissionBatch = Atomic<UInt64>(0)
     /// Written by any thread that notifies; a locked add, but only on the slow path (the
     /// loop announced it may block).
     let _eventfdWrites = Atomic<UInt64>(0)
@@ -63,6 +64,9 @@ public final class AioStatistics: Sendable {
     public var notifierWakeups: UInt64 { _notifierWakeups.load(ordering: .relaxed) }
     /// `io_uring_enter` calls (0 on the epoll backend).
     public var ringEnters: UInt64 { _ringEnters.load(ordering: .relaxed) }
+    /// The most SQEs one `io_uring_enter` handed to the kernel so far (0 on the epoll
+    /// backend); at most ``AioContext/aioMaxBatch`` while that is set.
+    public var largestSubmissionBatch: UInt64 { _largestSubmissionBatch.load(ordering: .relaxed) }
     /// Writes to the context's eventfd by ``AioContext/notify()``.
     public var eventfdWrites: UInt64 { _eventfdWrites.load(ordering: .relaxed) }
 }

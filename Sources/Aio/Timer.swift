@@ -5,7 +5,11 @@
 // mutex per context: timers may be armed and cancelled from any thread. Arming a timer
 // that becomes the earliest of its clock notifies the loop, so a sleeping loop recomputes
 // its timeout. The loop reads each clock once per iteration, pops every expired timer and
-// runs its callback with the mutex dropped (a callback may re-arm itself).
+// runs its callback with the mutex dropped (a callback may re-arm itself). While it does, the
+// heap remembers that clock reading, and a timer armed for a deadline at or before it (from
+// its own callback, say) is armed just after it instead: it fires on the next iteration, never
+// again in the same pass. QEMU runs such a timer again at once, without bound (a timer that
+// keeps re-arming itself in the past starves the loop).
 import Synchronization
 
 /// A one-shot timer on a context. Arm it with ``arm(at:)`` or ``arm(after:)`` (re-arm from
@@ -30,13 +34,18 @@ public final class AioTimer: @unchecked Sendable {
     }
 
     /// Arms (or re-arms) the timer to fire at `deadline`, in ns on its clock. A deadline in
-    /// the past fires on the next iteration. Thread-safe.
+    /// the past fires on the next iteration, also when the timer is re-armed from a timer
+    /// callback (its own included): it does not run again in the pass that runs timers now.
+    /// (Armed during that pass, its ``expireTime`` then reads one ns after the pass's clock
+    /// reading.) Thread-safe.
     public func arm(at deadline: Int64) {
         unmanagedContext._withUnsafeGuaranteedRef { $0.armTimer(self, deadline: max(0, deadline)) }
     }
 
-    /// Arms the timer to fire `nanoseconds` from now.
-    public func arm(after nanoseconds: Int64) { arm(at: clock.now &+ max(0, nanoseconds)) }
+    /// Arms the timer to fire `nanoseconds` from now. A delay that reaches past the end of the
+    /// clock (`Int64.max` ns) arms it there, where it never fires; it does not wrap into the
+    /// past.
+    public func arm(after nanoseconds: Int64) { arm(at: saturatingAdd(clock.now, max(0, nanoseconds))) }
 
     /// Disarms the timer. Thread-safe; does not wake the loop (waking late is harmless).
     public func cancel() { unmanagedContext._withUnsafeGuaranteedRef { $0.cancelTimer(self) } }
@@ -66,6 +75,9 @@ struct TimerHeap: ~Copyable {
     }
     var items = RawArray<Entry>(capacity: 16)
     var nextSequence: UInt64 = 0
+    /// While `runTimers` pops this heap: the clock reading it pops against (`.min` otherwise).
+    /// A deadline armed at or before it is moved just after it, so it waits for the next pass.
+    var passNow: Int64 = .min
 
     var first: AioTimer? { items.isEmpty ? nil : items[0].timer }
     /// The earliest deadline, or nil when empty.
@@ -145,7 +157,8 @@ extension AioContext {
         let becameFirst = timerHeaps.withLock { heaps -> Bool in
             func arm(_ heap: inout TimerHeap) -> Bool {
                 if t.heapIndex >= 0 { heap.remove(t) }
-                t.deadline = deadline
+                // Already due in the pass that runs timers now: the next pass fires it.
+                t.deadline = deadline <= heap.passNow ? heap.passNow &+ 1 : deadline
                 heap.insert(t)
                 return heap.first === t
             }
@@ -194,10 +207,21 @@ extension AioContext {
             guard earliest != .max else { continue }
             let now = clock.now
             guard earliest <= now else { continue }
+            // The pass's clock reading goes into the heap with the first pop and the enclosing
+            // pass's (a nested poll's pass runs inside a timer callback) comes back with the
+            // last, all under the locks the pops take anyway.
+            var enclosingPassNow: Int64? = nil
             while true {
                 let due: AioTimer? = timerHeaps.withLock { h in
                     func pop(_ heap: inout TimerHeap) -> AioTimer? {
-                        guard let d = heap.firstDeadline, d <= now, let t = heap.first else { return nil }
+                        if enclosingPassNow == nil {
+                            enclosingPassNow = heap.passNow
+                            heap.passNow = now
+                        }
+                        guard let d = heap.firstDeadline, d <= now, let t = heap.first else {
+                            heap.passNow = enclosingPassNow!
+                            return nil
+                        }
                         heap.remove(t)
                         return t
                     }

@@ -138,6 +138,7 @@ public final class IOThread: @unchecked Sendable {
         do {
             let ctx = try AioContext(backend: backend)
             ctx.setPollParameters(props.withLock { $0.pollParameters })
+            applyEngineParameters(to: ctx)
             context = ctx
             jobs = ExecutorJobQueue(context: ctx, name: "IOThread '\(id)'")
             jobs.bind(serial: asUnownedSerialExecutor(), task: asUnownedTaskExecutor())
@@ -215,6 +216,7 @@ public final class IOThread: @unchecked Sendable {
             return name.hasPrefix("poll-") ? p.pollParameters : nil
         }
         if let poll { context.setPollParameters(poll) }
+        if !name.hasPrefix("poll-") { applyEngineParameters(to: context) }
     }
 
     /// Reads a property by its QEMU name.

@@ -7,7 +7,8 @@
 // The one rule that makes it safe: a ring is used by one thread at a time — the thread
 // that created it when `singleIssuer` is on (the kernel enforces that with -EEXIST). The
 // `Aio` module creates each context's ring on the context's home thread and only that
-// thread submits (../shared/spec/PITFALLS.md item 4: requests belong to their submitter).
+// thread submits: io_uring requests belong to the thread that submitted them, and complete
+// with -ECANCELED when it exits.
 import CLiburing
 import Glibc
 
@@ -29,6 +30,15 @@ public struct Ring: ~Copyable {
     /// How many times this ring entered the kernel (submit or wait). Home thread only.
     @usableFromInline var _enterCount: UInt64 = 0
     public var enterCount: UInt64 { _enterCount }
+    /// SQEs handed to the kernel so far. Home thread only.
+    public private(set) var submittedCount: UInt64 = 0
+    /// The most SQEs one `io_uring_enter` handed to the kernel. Home thread only.
+    public private(set) var largestSubmission: UInt32 = 0
+    /// At most this many SQEs go to the kernel per `io_uring_enter` (QEMU's `aio-max-batch`);
+    /// 0: as many as are queued (up to the SQ's size). When that many are queued, preparing
+    /// one more first submits them. (A refused submission can leave more queued: the next
+    /// enter takes them all.)
+    public var maxSubmissionBatch: UInt32 = 0
     /// Fault injection, for tests: each entry is an errno that the next `io_uring_enter` (from
     /// ``submit()`` or ``submitAndWait(timeoutNanoseconds:)``) returns instead of entering the
     /// kernel, as the kernel does on a signal (EINTR) or a resource shortage (EAGAIN, EBUSY).
@@ -91,6 +101,9 @@ public struct Ring: ~Copyable {
     /// Returns a free SQE, submitting what is queued first when the SQ is full.
     @inlinable
     mutating func nextSQE() -> UnsafeMutablePointer<io_uring_sqe>? {
+        // A full batch goes to the kernel before the next SQE joins it. Unbounded (the
+        // default), this is one compare per SQE.
+        if maxSubmissionBatch != 0 && io_uring_sq_ready(ring) >= maxSubmissionBatch { _ = submit() }
         if let sqe = io_uring_get_sqe(ring) { return sqe }
         _ = submit()
         return io_uring_get_sqe(ring)
@@ -212,16 +225,30 @@ public struct Ring: ~Copyable {
         if io_uring_sq_ready(ring) == 0 && !io_uring_cq_has_overflow(ring) { return 0 }
         while true {
             _enterCount &+= 1
+            let queued = io_uring_sq_ready(ring)
             let rc = injectedEnterErrors.isEmpty ? io_uring_submit(ring) : -injectedEnterErrors.removeFirst()
+            countSubmitted(queuedBefore: queued)
             if rc != -EINTR { return rc }
         }
+    }
+
+    /// Counts what the enter just made took from the SQ: the queue's length before it, less
+    /// what is still queued (the kernel advances the SQ head past what it consumed).
+    @usableFromInline
+    mutating func countSubmitted(queuedBefore: UInt32) {
+        let n = queuedBefore &- io_uring_sq_ready(ring)
+        submittedCount &+= UInt64(n)
+        if n > largestSubmission { largestSubmission = n }
     }
 
     /// Submits what is queued and waits until at least one completion is ready or
     /// `timeoutNanoseconds` pass (-1 waits for ever, 0 does not wait).
     ///
-    /// Returns 0 or a positive count when woken by a completion, `-ETIME` on timeout,
-    /// `-EINTR` when a signal interrupted the wait, or another `-errno`.
+    /// Returns `-ETIME` on timeout, `-EINTR` when a signal interrupted the wait, another
+    /// `-errno`, or 0 or a positive count. A count does not mean a completion is ready: when
+    /// this call also submitted SQEs, the kernel returns how many it submitted even if the
+    /// wait then timed out or was interrupted (liburing 2.3 passes that on). Check
+    /// ``readyCompletions``.
     /// The timeout travels in the system call itself (`IORING_ENTER_EXT_ARG` on kernels that
     /// have it, 5.11+), so no timespec has to outlive this call — the bug QEMU fixed in 10.2.
     public mutating func submitAndWait(timeoutNanoseconds: Int64) -> Int32 {
@@ -229,6 +256,8 @@ public struct Ring: ~Copyable {
         if io_uring_cq_ready(ring) > 0 { return submit() }
         _enterCount &+= 1
         if !injectedEnterErrors.isEmpty { return -injectedEnterErrors.removeFirst() }
+        let queued = io_uring_sq_ready(ring)
+        defer { countSubmitted(queuedBefore: queued) }
         if timeoutNanoseconds < 0 {
             return io_uring_submit_and_wait(ring, 1)
         }

@@ -10,7 +10,7 @@ import QMP
 /// until `quit`, SIGINT or SIGTERM; then exports are deleted (drained), devices detached,
 /// IOThreads joined and the sockets removed.
 ///
-/// qemu-storage-daemon's spellings are accepted (reference vhost-user-blk.md 5.1):
+/// qemu-storage-daemon's spellings are accepted (QEMU's docs/tools/qemu-storage-daemon.rst):
 /// `--object iothread,id=ID[,poll-max-ns=N,...]`, `--blockdev driver=file|raw|null-co,...`,
 /// `--export type=vhost-user-blk,id=ID,node-name=N,addr.type=unix,addr.path=P[,writable=on]
 /// [,num-queues=N][,iothread=ID | ,iothread.0=ID,iothread.1=ID...][,logical-block-size=N]`,

@@ -57,9 +57,25 @@ struct AdaptivePollingRuleTests {
         #expect(AdaptivePolling.adjust(current: 16000, blockNs: 32768, qemuDefaults) == 16000)
     }
 
+    @Test("a huge poll-grow saturates at poll-max-ns instead of wrapping negative")
+    func hugeGrowSaturates() {
+        let p = PollParameters(maxNs: 1_000_000, grow: .max, shrink: 0)
+        #expect(AdaptivePolling.adjust(current: 4000, blockNs: 5000, p) == 1_000_000)
+        let q = PollParameters(maxNs: .max, grow: .max / 2, shrink: 0)
+        #expect(AdaptivePolling.adjust(current: 8000, blockNs: 9000, q) == .max)
+        #expect(AdaptivePolling.adjust(current: 3, blockNs: 4, q) == .max)
+    }
+
     @Test("poll-max-ns 0: any block shrinks, nothing grows")
     func disabled() {
-        #expect(AdaptivePolling.adjust(current: 0, blockNs: 10, .disabled) == 0)
+        for window: Int64 in [0, 1, 4000, 32768, 1_000_000] {
+            for block: Int64 in [1, 4001, 32769, 1_000_000_000] where block > window {
+                #expect(AdaptivePolling.adjust(current: window, blockNs: block, .disabled) == 0, "window \(window), block \(block)")
+            }
+        }
+        // A block within the window is QEMU's sweet spot: no change, whatever poll-max-ns is.
+        #expect(AdaptivePolling.adjust(current: 4000, blockNs: 10, .disabled) == 4000)
+        #expect(AdaptivePolling.adjust(current: 0, blockNs: 0, .disabled) == 0)
     }
 }
 

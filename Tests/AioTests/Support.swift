@@ -77,3 +77,12 @@ final class LoopThread: @unchecked Sendable {
         context = nil
     }
 }
+
+/// What a failed `#expect(ctx.poll(...))` shows of the context. Without it Swift Testing
+/// reflects every stored property, reaches the ring (a `~Copyable` value, which reflection
+/// cannot copy) and crashes the test process instead of reporting the failure.
+extension AioContext: CustomReflectable {
+    public var customMirror: Mirror {
+        Mirror(self, children: ["backend": backendKind.description], displayStyle: .class)
+    }
+}

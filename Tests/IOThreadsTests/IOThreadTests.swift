@@ -70,8 +70,29 @@ struct IOThreadTests {
     }
 
     @Test("an impossible CPU affinity fails creation with a clear error, leaving nothing behind")
-    func badAffinity() {
-        #expect(throws: IOThreadError.self) { _ = try IOThread(id: "nowhere", cpuAffinity: [100_000]) }
+    func badAffinity() async {
+        // In a child, so that other tests' threads and descriptors do not move the counts.
+        await #expect(processExitsWith: .success) {
+            let descriptors = contextDescriptors()
+            do {
+                _ = try IOThread(id: "nowhere", cpuAffinity: [100_000])
+                exit(3)
+            } catch let error as IOThreadError {
+                // Clear: QEMU's kind of error for a bad value, naming the IOThread, the CPUs and why.
+                if error.kind != .invalidValue { exit(4) }
+                if !error.message.hasPrefix("cannot pin iothread 'nowhere' to CPUs [100000]: ") { exit(5) }
+            } catch {
+                exit(9)
+            }
+            // Nothing behind: no thread left (it was joined, and a thread named "IO nowhere"
+            // would still show), no context made (the affinity is set before it).
+            if threadsNamed("IO nowhere") != 0 { exit(6) }
+            if !contextDescriptors().isSubset(of: descriptors) { exit(7) }
+            // And the id is free: the same IOThread without the bad affinity starts.
+            let t = try? IOThread(id: "nowhere")
+            if t == nil { exit(8) }
+            try! t?.stop()
+        }
     }
 
     @Test("two threads stopping at once both return after the join", .timeLimit(.minutes(1)))
@@ -88,8 +109,11 @@ struct IOThreadTests {
             return nil
         }, Unmanaged.passRetained(Arg(t, done)).toOpaque())
         try t.stop()
-        // Whichever call came second, the thread is gone when it returns.
-        #expect(access("/proc/self/task/\(tid)", F_OK) != 0)
+        // Whichever call came second, it returns after the join: the IOThread is stopped, not
+        // stopping (its CPU clock reads 0 only once joined). The kernel removes the task from
+        // /proc a moment after the join returns (the tid is cleared first), so that is waited for.
+        #expect(t.cpuTimeNanoseconds == 0)
+        #expect(eventually(seconds: 5) { access("/proc/self/task/\(tid)", F_OK) != 0 })
         pthread_join(other.value, nil)
         #expect(done.isSet)
     }
@@ -190,69 +214,64 @@ struct WakeupCountingTests {
     @Test("with polling on, BHs scheduled while the loop polls cause no eventfd write",
           .timeLimit(.minutes(1)), arguments: backendsUnderTest)
     func pollingSeesWorkWithoutEventfd(_ backend: AioContext.Backend) throws {
-        let windowNs: Int64 = 20_000_000
         var props = IOThreadProperties()
-        props.pollMaxNs = windowNs
-        props.pollGrow = 16
-        props.pollShrink = 1  // QEMU: a divisor of 1 never shrinks, so a slow round cannot reset the window
+        props.pollMaxNs = 20_000_000
+        props.pollShrink = 1  // QEMU: a divisor of 1 never shrinks, so a window, once grown, stays
         let t = try IOThread(id: "polling", properties: props, backend: backend)
         defer { try? t.stop() }
+        // A handler whose poll callback holds the loop inside its busy-poll window (between
+        // poll-begin and poll-end) until this thread has scheduled the round's BH. So the BH is
+        // certainly scheduled while the loop polls, before it announces that it may sleep,
+        // however loaded the machine is: no round has to be classified by how long it took.
+        // (The final poll after poll-end comes after that announcement, as in QEMU: a BH
+        // scheduled then may rightly write the eventfd, so the callback does not hold there.)
+        // Release/acquire hand-offs of the round numbers; `inWindow` and `kicks` relaxed: the
+        // loop thread alone writes `inWindow` and reads it, `kicks` is a count polled for.
+        let requested = Atomic<Int>(0)  // the round this thread asks for
+        let holding = Atomic<Int>(0)  // the round the loop holds its window for
+        let scheduled = Atomic<Int>(0)  // the round whose BH was scheduled
+        let inWindow = Atomic<Bool>(false)  // between poll-begin and poll-end (loop thread only)
+        let kick = try EventNotifier()
+        let kicks = Atomic<Int>(0)
+        t.context.setEventNotifier(kick, FdHandlerCallbacks(
+            read: { kicks.add(1, ordering: .relaxed) },
+            poll: {
+                let round = requested.load(ordering: .acquiring)
+                // Only the loop thread writes `holding` and `inWindow`.
+                if inWindow.load(ordering: .relaxed) && round > holding.load(ordering: .relaxed) {
+                    holding.store(round, ordering: .releasing)
+                    while scheduled.load(ordering: .acquiring) < round { sched_yield() }
+                }
+                return false
+            },
+            pollReady: {},
+            pollBegin: { inWindow.store(true, ordering: .relaxed) },
+            pollEnd: { inWindow.store(false, ordering: .relaxed) }))
+        // The handler joins the poll list when it fires, with a window that grows from wake-ups
+        // shorter than poll-max-ns: kick it until it has one.
+        let fd = kick.fileDescriptor
+        for _ in 0..<1000 where (t.statistics.pollWindows[fd] ?? 0) == 0 {
+            let before = kicks.load(ordering: .relaxed)
+            kick.set()
+            _ = eventually { kicks.load(ordering: .relaxed) > before }
+        }
+        try #require((t.statistics.pollWindows[fd] ?? 0) > 0, "the handler polls")
         let ran = Atomic<Int>(0)
-        let ranAt = Atomic<Int64>(0)  // when the loop ran the BH (its poll window starts after)
-        let bh = t.context.makeBottomHalf {
-            ranAt.store(monotonicNanoseconds(), ordering: .relaxed)
-            ran.add(1, ordering: .releasing)  // publishes ranAt
-        }
+        let bh = t.context.makeBottomHalf { ran.add(1, ordering: .releasing) }  // acquired by the wait below
         defer { bh.delete() }
-        var expected = 0
-        func roundTrip() {
-            expected += 1
-            bh.schedule()
-            while ran.load(ordering: .acquiring) < expected { sched_yield() }
+        let writesBefore = t.statistics.eventfdWrites
+        let rounds = 200
+        for round in 1...rounds {
+            requested.store(round, ordering: .releasing)
+            kick.set()  // wakes the loop if it sleeps; it polls again before it sleeps again
+            while holding.load(ordering: .acquiring) < round { sched_yield() }
+            bh.schedule()  // the loop is inside its poll window now
+            scheduled.store(round, ordering: .releasing)
+            while ran.load(ordering: .acquiring) < round { sched_yield() }
         }
-        // Warm-up: wake-ups that come sooner than poll-max-ns after the loop went to sleep
-        // grow the context notifier's window (QEMU's rule) until it is poll-max-ns.
-        // Each sleep must outlast the current window for the window to grow, so sleep a bit
-        // longer each time (a fixed short sleep stops the growth at the first window longer
-        // than it, far below poll-max-ns, and the exclusion below would then be wrong).
-        let stats = t.statistics
-        var window: Int64 = 0
-        for _ in 0..<40 {
-            window = stats.pollWindows.values.max() ?? 0
-            if window >= windowNs { break }
-            // Aim a third of the way from the window to poll-max-ns: long enough to grow it,
-            // with slack for a sleep that overshoots on a loaded machine.
-            usleep(UInt32(max(window + (windowNs - window) / 3, 500_000) / 1000))
-            roundTrip()
-        }
-        try #require(window >= windowNs, "the context notifier's window grew to poll-max-ns")
-        // Measure: the client thinks 20 µs (so the loop is in its poll window), schedules, waits. A round in which the
-        // client or the loop was preempted for longer than the window may legitimately sleep
-        // and be woken; those rounds are reported, not counted.
-        let hitsBefore = stats.pollHits
-        var writesInFastRounds: UInt64 = 0
-        var slowRounds = 0
-        let rounds = 2000
-        for _ in 0..<rounds {
-            let think = monotonicNanoseconds() + 20_000  // longer than an iteration, even under TSan
-            while monotonicNanoseconds() < think {}
-            let w0 = stats.eventfdWrites
-            let t0 = monotonicNanoseconds()
-            // The loop's window started when it ran the previous BH, not when this thread saw
-            // the flag: a client that yielded or was preempted meanwhile leaves the loop idle
-            // past its window, so it sleeps; such a gap, like a slow round trip, makes the
-            // round a slow one.
-            let gap = t0 - ranAt.load(ordering: .relaxed)
-            roundTrip()
-            if monotonicNanoseconds() - t0 < windowNs / 2 && gap < windowNs / 2 {
-                writesInFastRounds += stats.eventfdWrites - w0
-            } else {
-                slowRounds += 1
-            }
-        }
-        #expect(writesInFastRounds == 0, "eventfd writes while the loop polled (\(slowRounds) slow rounds excluded)")
-        #expect(slowRounds < rounds / 2, "most rounds were measured")
-        #expect(stats.pollHits > hitsBefore, "BHs were found by polling")
+        #expect(ran.load(ordering: .acquiring) == rounds)
+        #expect(t.statistics.eventfdWrites - writesBefore == 0, "no BH scheduled during a poll window wrote the eventfd")
+        t.context.removeEventNotifier(kick)
     }
 
     @Test("with polling off, a burst of BHs costs at most one eventfd write per loop iteration",

@@ -9,7 +9,7 @@ import Testing
 
 @Suite("IOThread resource limits")
 struct ResourceLimitTests {
-    @Test("no descriptor left: IOThread creation throws .resource, and no thread or fd is left")
+    @Test("no descriptor left: IOThread creation throws .resource, leaves no thread or fd, and the registry does not keep the id")
     func descriptorExhaustion() async {
         await #expect(processExitsWith: .success) {
             var limit = rlimit()
@@ -17,50 +17,55 @@ struct ResourceLimitTests {
             limit.rlim_cur = rlim_t(procEntries("/proc/self/fd").count + 16)
             setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
             var fillers: [Int32] = []
-            // The harness in this child may close a descriptor of its own meanwhile; refill
-            // and retry, so only an IOThread that never fails fails the test.
-            for attempt in 1...5 {
+            func fill() {
                 while true {
-                    let fd = open("/dev/null", O_RDONLY)
+                    let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
                     if fd < 0 { break }
                     fillers.append(fd)
                 }
-                // Reading /proc needs a descriptor itself: count with one filler closed.
-                // Only new descriptors count: the harness may close one of its own meanwhile.
-                func descriptorsWithOneSpare() -> Set<String> {
-                    close(fillers.removeLast())
-                    defer { fillers.append(open("/dev/null", O_RDONLY)) }
-                    // "fd -> target": a leak shows even in a number a filler had before.
-                    return contextDescriptors()
+            }
+            // Context-kind descriptors ("fd -> target": a leak shows even in a number a filler
+            // had before), listed with one filler closed (listing /proc takes a descriptor).
+            // Other threads of this child (the exit-test harness) may take that spare first: a
+            // listing that could not be made is made again, never read as "none".
+            func descriptorsWithOneSpare() -> Set<String> {
+                for _ in 0..<100 {
+                    fill()
+                    guard let spare = fillers.popLast() else { break }
+                    close(spare)
+                    let listed = listContextDescriptors()
+                    fill()
+                    if let listed { return listed }
                 }
+                exit(11)
+            }
+            let registry = IOThreadRegistry()
+            // The harness in this child may close a descriptor of its own meanwhile, and a
+            // creation may then succeed: refill and retry, so only an IOThread that never fails
+            // fails the test.
+            for attempt in 1...5 {
                 let fds = descriptorsWithOneSpare()
                 do {
-                    _ = try IOThread(id: "starved")
+                    _ = try registry.create(id: "starved")
                     if attempt == 5 { exit(5) }
+                    try? registry.remove("starved")
                     continue
                 } catch let error as IOThreadError {
                     if error.kind != .resource || !error.message.contains("Failed to create AioContext for iothread 'starved'") {
                         exit(6)
                     }
                 } catch {
-                    exit(10)
+                    exit(13)
                 }
                 if !descriptorsWithOneSpare().isSubset(of: fds) { exit(7) }
-                close(fillers.removeLast())
-                close(fillers.removeLast())
-                let ioThreads = procEntries("/proc/self/task").filter { tid in
-                    let fd = open("/proc/self/task/\(tid)/comm", O_RDONLY)
-                    guard fd >= 0 else { return false }
-                    defer { close(fd) }
-                    var buf = [UInt8](repeating: 0, count: 32)
-                    let n = read(fd, &buf, 32)
-                    return n > 3 && buf[0] == UInt8(ascii: "I") && buf[1] == UInt8(ascii: "O") && buf[2] == UInt8(ascii: " ")
-                }
-                if !ioThreads.isEmpty { exit(8) }
-                // With descriptors back, the same id works: nothing half-registered.
+                if registry.lookup("starved") != nil || !registry.all.isEmpty { exit(8) }  // nothing half-registered
                 for fd in fillers { close(fd) }
-                let t = try? IOThread(id: "starved")
-                if t == nil { exit(9) }
+                fillers.removeAll()
+                if threadsNamed("IO starved") != 0 { exit(9) }
+                // With descriptors back, the same id is free in the registry and works.
+                guard let t = try? registry.create(id: "starved") else { exit(10) }
+                if registry.lookup("starved") !== t { exit(12) }
+                registry.removeAll()
                 exit(0)
             }
         }

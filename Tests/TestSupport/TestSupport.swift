@@ -57,9 +57,14 @@ public func reap(_ guest: GuestQueue, count n: Int, into body: (UInt64, UInt8, U
 
 // MARK: - This process's descriptors and threads, from /proc
 
-/// The numeric entries of a /proc directory (descriptors or thread ids of this process).
-public func procEntries(_ path: String) -> [String] {
-    guard let dir = opendir(path) else { return [] }
+/// The numeric entries of a /proc directory (descriptors or thread ids of this process);
+/// empty when the directory cannot be opened (no descriptor left for it).
+public func procEntries(_ path: String) -> [String] { listProcEntries(path) ?? [] }
+
+/// The numeric entries of a /proc directory, or nil when it cannot be opened: with
+/// descriptors exhausted, an empty answer would read as "nothing there".
+public func listProcEntries(_ path: String) -> [String]? {
+    guard let dir = opendir(path) else { return nil }
     defer { closedir(dir) }
     var names: [String] = []
     while let e = readdir(dir) {
@@ -85,11 +90,22 @@ public let contextDescriptorKinds = ["eventfd", "io_uring", "eventpoll"]
 /// context creates), so that a leaked one shows even when it took a number a /dev/null filler
 /// of the descriptor-exhaustion tests had before. Only those kinds: the harness, the sanitizer
 /// runtimes and other tests' inherited files come and go in an exit-test child on their own.
-public func contextDescriptors() -> Set<String> {
-    Set(procEntries("/proc/self/fd").compactMap { fd -> String? in
+public func contextDescriptors() -> Set<String> { listContextDescriptors() ?? [] }
+
+/// ``contextDescriptors()``, or nil when /proc/self/fd could not be opened (no descriptor left
+/// for the listing): a leak check must look again then, not compare against an empty set.
+public func listContextDescriptors() -> Set<String>? {
+    guard let fds = listProcEntries("/proc/self/fd") else { return nil }
+    return Set(fds.compactMap { fd -> String? in
         guard let text = descriptorTarget(fd), contextDescriptorKinds.contains(where: { text.contains($0) }) else { return nil }
         return "\(fd) -> \(text)"
     })
+}
+
+/// Whether descriptor `fd` is open and one of the kinds an AioContext creates.
+public func isContextDescriptor(_ fd: Int32) -> Bool {
+    guard let text = descriptorTarget(String(fd)) else { return false }
+    return contextDescriptorKinds.contains { text.contains($0) }
 }
 
 /// Open descriptors of this process whose target contains one of `kinds` (all if empty).

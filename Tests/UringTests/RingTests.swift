@@ -82,6 +82,41 @@ struct RingTests {
     }
 }
 
+@Suite("Ring: SQEs per io_uring_enter", .enabled(if: uringAvailable, "io_uring is refused on this machine"))
+struct RingBatchTests {
+    /// Queues `count` nops, submits, and reaps them all; returns what the ring counted.
+    func run(_ ring: inout Ring, nops count: Int) -> (queued: Int, reaped: Int) {
+        var queued = 0
+        for i in 0..<count where ring.prepareNop(userData: UInt64(i)) { queued += 1 }
+        var reaped = 0
+        for _ in 0..<100 where reaped < count {
+            _ = ring.submitAndWait(timeoutNanoseconds: 1_000_000_000)
+            reaped += ring.reap { _ in }
+        }
+        return (queued, reaped)
+    }
+
+    @Test("unbounded, one io_uring_enter hands the kernel every queued SQE, and the ring counts them")
+    func unboundedBatch() throws {
+        var ring = try Ring(entries: 64)
+        let (queued, reaped) = run(&ring, nops: 40)
+        let largest = ring.largestSubmission, submitted = ring.submittedCount, enters = ring.enterCount
+        #expect(queued == 40 && reaped == 40)
+        #expect(largest == 40 && submitted == 40 && enters == 1)
+    }
+
+    @Test("a batch bound of 4 hands at most 4 SQEs to each io_uring_enter")
+    func boundedBatch() throws {
+        var ring = try Ring(entries: 64)
+        ring.maxSubmissionBatch = 4
+        let (queued, reaped) = run(&ring, nops: 40)
+        let largest = ring.largestSubmission, submitted = ring.submittedCount, enters = ring.enterCount
+        #expect(queued == 40 && reaped == 40)
+        #expect(largest == 4 && submitted == 40)
+        #expect(enters >= 10, "40 SQEs, 4 at a time")
+    }
+}
+
 @Suite("UringProbe")
 struct UringProbeTests {
     @Test("the probe agrees with creating a ring")

@@ -200,7 +200,7 @@ final class FrontEnd {
     /// The errno of the last failed closedByPeer (diagnostics).
     var lastErrno: Int32 = 0
 
-    // MARK: - QEMU 7.2's sequences (reference section 1.6)
+    // MARK: - QEMU 7.2's sequences (hw/virtio/vhost-user.c, as traced against QEMU 7.2)
 
     /// A. Connect: what QEMU does at device realize. Returns the config bytes.
     @discardableResult

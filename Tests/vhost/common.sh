@@ -83,7 +83,7 @@ stop_pid() { # PID [GRACE]
 # and one that stands alone as an argument and becomes zero or two arguments:
 #   @IOT_OBJECT@ "--object iothread,id=iot0" or nothing
 # so one template serves both the main-loop and the IOThread variant.
-# The reference (reference sections 5.1 and 7.3); its pid file is written after the export exists.
+# The reference back end, qemu-storage-daemon (Tests/vhost/README.md); its pid file is written after the export exists.
 QSD_TEMPLATE=(qemu-storage-daemon @IOT_OBJECT@
     --blockdev driver=file,node-name=file0,filename=@FILE@
     --blockdev driver=raw,node-name=disk0,file=file0

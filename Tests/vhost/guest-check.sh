@@ -164,7 +164,7 @@ for iot in "${del_variants[@]}"; do
     line=$(grep '^DP-RESULT readloop' "$WORK/$name.log.dp" || true)
     echo "$line"
     check "$name: guest reported after the delete (no guest hang)" $rc
-    # Without reconnect= QEMU never completes the reads in flight at the cut (reference 5.6 #6),
+    # Without reconnect= QEMU never completes the reads in flight at the cut (qemu-storage-daemon 7.2 behaves the same; Tests/vhost/README.md),
     # so the guest's reader either fails (errors) or stalls; it must not keep completing.
     [[ $line =~ errors=([0-9]+)\ stalled_secs=([0-9]+) ]] && { [ "${BASH_REMATCH[1]}" -gt 0 ] || [ "${BASH_REMATCH[2]}" -ge 2 ]; }
     check "$name: guest I/O stopped at the delete (errors or stalled)" $? "$line"

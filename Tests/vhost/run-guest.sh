@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Boots the test guest (reference section 7.3) against a vhost-user-blk back end that is ALREADY
+# Boots the test guest (Tests/vhost/README.md) against a vhost-user-blk back end that is ALREADY
 # listening on SOCKET, runs TEST inside it and checks the result lines.
 #
 #   run-guest.sh SOCKET TEST[,TEST...] [--queues N] [--smp N] [--mem SIZE] [--timeout SECS]

@@ -13,7 +13,7 @@
 #    extract only vmlinuz and the six virtio modules into the cache. No hooks, nothing installed,
 #    works the same on any Debian 12 machine as root. DP_VHOST_KVER=VERSION pins the version (it
 #    must be downloadable); an already extracted version in the cache is reused without apt.
-# 3. The initramfs (reference section 7.2): busybox, the modules, guest/init. Rebuilt only when an
+# 3. The initramfs (Tests/vhost/README.md): busybox, the modules, guest/init. Rebuilt only when an
 #    input changed (a checksum stamp), in well under a second.
 #
 # Writes CACHE/env.sh (KVER, KERNEL, INITRD, VHOST_CACHE) for the other scripts and prints it.

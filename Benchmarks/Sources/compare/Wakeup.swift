@@ -1,4 +1,4 @@
-// W1 wake-rtt, W2 bh-throughput and W5 timers on Dataplane (../../../shared/spec/WORKLOADS.md).
+// W1 wake-rtt, W2 bh-throughput and W5 timers on Dataplane (Benchmarks/WORKLOADS.md).
 import Aio
 import CBenchSupport
 import Glibc

@@ -1,4 +1,4 @@
-// `make bench`: workloads W1–W6 (../shared/spec/WORKLOADS.md), allocations, memory and idle
+// `make bench`: workloads W1–W6 (Benchmarks/WORKLOADS.md), allocations, memory and idle
 // CPU, on Dataplane beside the C reference (cref/cref.c, raw liburing, the same protocols)
 // and SwiftNIO (W1, W2, W5). Each comparison is repeated (3 times by default), runs of the
 // implementations interleaved, and printed as median [min–max] with the ratio
