@@ -15,8 +15,10 @@ test: deps .venv-qmp/bin/python
 	@# needs descriptors the exhaustion tests have used up. Leaks of what matters here
 	@# (descriptors, threads, memory growth) are counted by the tests and the soak.
 	ASAN_OPTIONS=detect_leaks=0 swift test --sanitize=address --scratch-path .build-asan
-	@echo "== end to end: dataplane serve driven by the real qemu.qmp client"
+	@echo "== the command line as a user meets it: help, version, bad values"
 	swift build --product dataplane
+	.venv-qmp/bin/python Tests/e2e/cli_check.py .build/debug/dataplane
+	@echo "== end to end: dataplane serve driven by the real qemu.qmp client"
 	.venv-qmp/bin/python Tests/e2e/qmp_e2e.py .build/debug/dataplane
 	@echo "== monitor under abuse: 64 garbage clients while qemu.qmp hot-plugs devices"
 	.venv-qmp/bin/python Tests/e2e/qmp_abuse.py .build/debug/dataplane 20

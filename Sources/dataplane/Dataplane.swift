@@ -4,29 +4,21 @@ import Glibc
 struct Dataplane: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dataplane",
-        abstract: "QEMU-style IOThreads on io_uring, in Swift: a load generator for virtio-blk-like devices.",
+        abstract: "QEMU-style IOThreads on io_uring, in Swift: a QMP and vhost-user-blk server, and a load generator for virtio-blk-like devices.",
+        version: "dataplane 0.2.0",
         subcommands: [Demo.self, Load.self, Sweep.self, Serve.self, Wake.self, SoakCommand.self]
     )
 }
 
-/// Bad arguments get one line and exit code 2 (ArgumentParser's default is 64 with usage);
-/// a failure while running gets one line and exit code 1.
+/// `--help`, `-h`, `help` and `--version` print to standard output and exit 0 (a bare
+/// `dataplane` prints the help too); bad arguments get one line and exit code 2
+/// (ArgumentParser's default is 64 with usage); a failure while running gets one line and
+/// exit code 1.
 @main
 enum Main {
     static func main() async {
-        var command: ParsableCommand
         do {
-            command = try Dataplane.parseAsRoot()
-        } catch {
-            if Dataplane.exitCode(for: error) == .success {
-                print(Dataplane.fullMessage(for: error))
-                exit(0)
-            }
-            let message = Dataplane.message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
-            errorLine("dataplane: \(message)")
-            exit(2)
-        }
-        do {
+            var command = try Dataplane.parseAsRoot()
             if var async = command as? AsyncParsableCommand {
                 try await async.run()
             } else {
@@ -35,8 +27,20 @@ enum Main {
         } catch let code as ExitCode {
             exit(code.rawValue)  // the command printed why
         } catch {
-            errorLine("dataplane: \(error)")
-            exit(1)
+            // ArgumentParser reports a help or version request, and a root command run without
+            // a subcommand, as errors whose exit code is success: print what they ask for.
+            switch Dataplane.exitCode(for: error) {
+            case .success:
+                print(Dataplane.fullMessage(for: error))
+                exit(0)
+            case .validationFailure:
+                let message = Dataplane.message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
+                errorLine("dataplane: \(message)")
+                exit(2)
+            default:
+                errorLine("dataplane: \(error)")
+                exit(1)
+            }
         }
     }
 }

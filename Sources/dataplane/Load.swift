@@ -6,21 +6,21 @@ import LoadGen
 
 /// Options shared by `load`, `sweep` and `demo`.
 struct LoadOptions: ParsableArguments {
-    @Option(help: "IOThreads.") var iothreads = 1
-    @Option(help: "virtio-blk-like devices.") var devices = 1
-    @Option(help: "Queues per device.") var queues = 1
-    @Option(name: .customLong("queue-size"), help: "Entries per queue (a power of 2).") var queueSize = 256
-    @Option(name: .customLong("qd"), help: "Requests outstanding per queue (closed loop).") var qd = 32
-    @Option(help: "Open loop: requests per second per queue (latency from the scheduled time).") var rate: Double?
+    @Option(parsing: .unconditional, help: "IOThreads.") var iothreads = 1
+    @Option(parsing: .unconditional, help: "virtio-blk-like devices.") var devices = 1
+    @Option(parsing: .unconditional, help: "Queues per device.") var queues = 1
+    @Option(name: .customLong("queue-size"), parsing: .unconditional, help: "Entries per queue (a power of 2).") var queueSize = 256
+    @Option(name: .customLong("qd"), parsing: .unconditional, help: "Requests outstanding per queue (closed loop).") var qd = 32
+    @Option(parsing: .unconditional, help: "Open loop: requests per second per queue (latency from the scheduled time).") var rate: Double?
     @Option(help: "Backend: null, nop, file:PATH, delay:DURATION.") var backend = "null"
-    @Option(name: .customLong("poll-max-ns"), help: "Adaptive polling cap in ns (0: off).") var pollMaxNs: Int64 = 32768
-    @Option(name: .customLong("poll-grow"), help: "Poll window growth factor (0: x2).") var pollGrow: Int64 = 0
-    @Option(name: .customLong("poll-shrink"), help: "Poll window shrink divisor (0: reset).") var pollShrink: Int64 = 0
+    @Option(name: .customLong("poll-max-ns"), parsing: .unconditional, help: "Adaptive polling cap in ns (0: off).") var pollMaxNs: Int64 = 32768
+    @Option(name: .customLong("poll-grow"), parsing: .unconditional, help: "Poll window growth factor (0: x2).") var pollGrow: Int64 = 0
+    @Option(name: .customLong("poll-shrink"), parsing: .unconditional, help: "Poll window shrink divisor (0: reset).") var pollShrink: Int64 = 0
     @Option(help: "How guests wait for completions: blocking or spinning.") var guest = "blocking"
-    @Option(help: "Measured duration (e.g. 10s, 500ms).") var duration = "10s"
-    @Option(help: "Warm-up before measuring.") var warmup = "1s"
+    @Option(parsing: .unconditional, help: "Measured duration, with its unit (e.g. 10s, 500ms).") var duration = "10s"
+    @Option(parsing: .unconditional, help: "Warm-up before measuring, with its unit (e.g. 1s).") var warmup = "1s"
     @Option(help: "fd-monitoring backend: io_uring or epoll (default: io_uring if the kernel allows).") var fdmon: String?
-    @Option(help: "W6: move one device to another IOThread every INTERVAL (e.g. 10ms).") var churn: String?
+    @Option(parsing: .unconditional, help: "W6: move one device to another IOThread every INTERVAL (e.g. 10ms).") var churn: String?
 
     func config() throws -> LoadConfig {
         var c = LoadConfig()
@@ -49,9 +49,16 @@ struct LoadOptions: ParsableArguments {
     }
 }
 
-/// A duration option's value in ns, or the one-line error the command line prints.
+/// A duration option's value in ns, or the one-line error the command line prints. On the
+/// command line a duration needs its unit: a bare `10` is refused rather than read as 10 ns.
 func durationOption(_ name: String, _ text: String) throws -> Int64 {
-    guard let ns = parseDuration(text) else { throw ValidationError("\(name): not a duration: \(text)") }
+    if Double(text) != nil {
+        throw ValidationError("\(name) \(text): a duration needs a unit (ns, us, ms or s), e.g. \(text)s")
+    }
+    if text.hasPrefix("-") { throw ValidationError("\(name) \(text): a duration cannot be negative") }
+    guard let ns = parseDuration(text) else {
+        throw ValidationError("\(name) \(text): not a duration (a number and a unit: ns, us, ms or s, e.g. 10s or 500ms)")
+    }
     return ns
 }
 
@@ -108,7 +115,10 @@ struct Sweep: AsyncParsableCommand {
     @Option(name: .customLong("guest-grid"), help: "Guest modes, comma separated.") var guestGrid = "blocking,spinning"
     @Option(help: "HTML report file.") var report = "dataplane-sweep.html"
 
-    func run() async throws {
+    /// Bad grid values are bad arguments (exit 2), found before anything runs.
+    mutating func validate() throws { _ = try grids() }
+
+    func grids() throws -> (polls: [Int64], qds: [Int], guests: [GuestMode]) {
         let polls = try pollGrid.split(separator: ",").map { s -> Int64 in
             guard let v = Int64(s), v >= 0 else { throw ValidationError("--poll-grid: bad value \(s)") }
             return v
@@ -121,6 +131,11 @@ struct Sweep: AsyncParsableCommand {
             guard let g = GuestMode(rawValue: String(s)) else { throw ValidationError("--guest-grid: bad value \(s)") }
             return g
         }
+        return (polls, qds, guests)
+    }
+
+    func run() async throws {
+        let (polls, qds, guests) = try grids()
         var base = try options.config()
         if options.duration == "10s" { base.durationNs = 3_000_000_000 }
         if options.warmup == "1s" { base.warmupNs = 500_000_000 }
@@ -148,7 +163,7 @@ struct Demo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "About 30 s: polling off against polling on, at QD 1 and QD 32, null backend; a table and an HTML report.")
 
-    @Option(help: "Seconds measured per setting.") var seconds: Double = 5
+    @Option(parsing: .unconditional, help: "Seconds measured per setting.") var seconds: Double = 5
     @Option(help: "HTML report file.") var report = "dataplane-demo.html"
 
     mutating func validate() throws {

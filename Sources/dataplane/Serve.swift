@@ -141,7 +141,15 @@ struct Serve: ParsableCommand {
             state.stopping = true
             monitor.shutdown(finish)
         }))
-        if let path { errorLine("dataplane: QMP monitor on \(path) (backend \(ctx.backendKind))") }
+        // One line when everything listens (the pid file, if asked for, is written next).
+        var serving: [String] = []
+        if let path { serving.append("QMP monitor on \(path)") }
+        for (option, _, args) in startup where option == "--export" {
+            if let id = args["id"]?.stringValue, let sock = args["addr"]?["path"]?.stringValue {
+                serving.append("export \(id) on \(sock)")
+            }
+        }
+        errorLine("dataplane: ready (backend \(ctx.backendKind)): " + serving.joined(separator: "; "))
         if let pidfile {
             let text = "\(getpid())\n"
             let fd = open(pidfile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)

@@ -9,9 +9,9 @@ struct SoakCommand: AsyncParsableCommand {
         commandName: "soak",
         abstract: "W6 churn held for a long time: fails unless nothing is lost or completed twice, holders stay consistent, and threads, descriptors and memory do not grow.")
 
-    @Option(help: "Measured duration (e.g. 60s).") var duration = "60s"
-    @Option(help: "Move one device to the other IOThread every INTERVAL.") var churn = "100us"
-    @Option(help: "Devices (W6: 4).") var devices = 4
+    @Option(parsing: .unconditional, help: "Measured duration, with its unit (e.g. 60s).") var duration = "60s"
+    @Option(parsing: .unconditional, help: "Move one device to the other IOThread every INTERVAL (e.g. 100us).") var churn = "100us"
+    @Option(parsing: .unconditional, help: "Devices (W6: 4).") var devices = 4
     @Option(help: "fd-monitoring backend: io_uring or epoll (default: io_uring if the kernel allows).") var fdmon: String?
     @Option(name: .customLong("rss-tolerance"), help: "Resident-memory growth (KiB) still counted as noise.") var rssTolerance = 8192
     @Flag(help: "Print the result as one JSON document on stdout.") var json = false

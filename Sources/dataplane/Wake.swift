@@ -11,16 +11,16 @@ struct Wake: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Wake an IOThread from another thread, polling off then on, and report the round trip (W1).")
 
-    @Option(help: "Seconds per setting.")
+    @Option(parsing: .unconditional, help: "Seconds per setting.")
     var seconds: Double = 3
 
-    @Option(help: "poll-max-ns for the polling run.")
+    @Option(parsing: .unconditional, help: "poll-max-ns for the polling run.")
     var pollMaxNs: Int64 = 32768
 
     @Option(help: "fd-monitoring backend: io_uring or epoll.")
     var fdmon: String = "io_uring"
 
-    @Option(help: "Nanoseconds the client thinks between round trips (0: W1 back to back).")
+    @Option(parsing: .unconditional, help: "Nanoseconds the client thinks between round trips (0: W1 back to back).")
     var thinkNs: Int64 = 5_000
 
     mutating func validate() throws {
