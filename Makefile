@@ -2,6 +2,8 @@
 .PHONY: test demo bench bench-gate fuzz soak stress vhost-check vhost-bench deps clean
 
 test: deps .venv-qmp/bin/python
+	@echo "== every unsafe construct carries its argument"
+	python3 scripts/check-unsafe.py
 	swift build --build-tests
 	@echo "== tests on the default backend"
 	swift test

@@ -76,6 +76,8 @@ public final class AioContext: @unchecked Sendable {
     @exclusivity(unchecked) var handlerSlots: ContiguousArray<FdHandler?> = []
     @exclusivity(unchecked) var freeHandlerSlots: [Int] = []
     @exclusivity(unchecked) var generation: UInt32 = 0
+    // Home thread only, never accessed in overlap: the dynamic checks would cost a TLS lookup
+    // per access on the dispatch path.
     @exclusivity(unchecked) var readyHandlers: ContiguousArray<FdHandler> = []
     @exclusivity(unchecked) var readyHead = 0
     @exclusivity(unchecked) var pollHandlers: ContiguousArray<FdHandler> = []
@@ -560,12 +562,16 @@ public final class AioContext: @unchecked Sendable {
     /// at any time.
     public func submit(_ request: IORequest, to target: CompletionTarget, tag: UInt32) {
         assertOnHomeThread("submit")
+        // Identity only: the opaque pointer is compared, never dereferenced.
         precondition(target.context == Unmanaged.passUnretained(self).toOpaque(),
                      "BUG DETECTED: CompletionTarget used with a context other than the one that made it")
+        // The context holds the target while it has requests in flight (released when the
+        // last completes), so its owner may drop it at any time.
         if target.inFlight == 0 { _ = Unmanaged.passRetained(target) }
         target.inFlight += 1
         let (slot, generation) = takeRequestSlot()
         requests.pointee.slots[slot].tag = tag
+        // Unretained: the +1 above covers every request in flight.
         requests.pointee.slots[slot].target = Unmanaged.passUnretained(target)
         send(request, userData: UserData.make(kind: UserData.request, generation: generation, slot: slot))
     }

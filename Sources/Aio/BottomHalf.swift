@@ -40,6 +40,9 @@ public final class BottomHalf: @unchecked Sendable {
     }
 
     let flags: Atomic<UInt32>
+    // The lock-free list's link: written by the pusher before its release CAS on the list
+    // head, read by the home thread after its acquire exchange (Unmanaged: a linked BH is kept
+    // alive by its owner or the loop's +1, not by the link).
     @exclusivity(unchecked) nonisolated(unsafe) var next: Unmanaged<BottomHalf>? = nil
     let callback: @Sendable () -> Void
     /// The name reported when a BH leaks.
@@ -50,6 +53,7 @@ public final class BottomHalf: @unchecked Sendable {
     let unmanagedContext: Unmanaged<AioContext>
 
     init(context: AioContext, name: String, flags: UInt32 = 0, callback: @escaping @Sendable () -> Void) {
+        // Unretained: a context outlives its BHs (ThreadingRules, "Lifetimes").
         self.unmanagedContext = Unmanaged.passUnretained(context)
         self.name = name
         self.flags = Atomic(flags)
@@ -218,6 +222,7 @@ extension AioContext {
     /// are, -1 if none (QEMU `aio_compute_bh_timeout`).
     func bottomHalfTimeout() -> Int64 {
         var timeout: Int64 = -1
+        // Walks a list the home thread owns; every node on it is kept alive by the list.
         func scan(_ first: Unmanaged<BottomHalf>?) -> Bool {
             var node = first
             while let n = node {

@@ -17,6 +17,7 @@ public final class CompletionTarget {
     let context: UnsafeMutableRawPointer
 
     init(context: AioContext, body: @escaping (_ tag: UInt32, _ result: Int32) -> Void) {
+        // Identity only (submit checks the target is used with its own context).
         self.context = Unmanaged.passUnretained(context).toOpaque()
         self.body = body
     }

@@ -163,11 +163,3 @@ final class EpollMonitor: FDMonitor {
         return true
     }
 }
-
-/// A box for a value handed between threads where the handing-off is synchronised by
-/// something else (a lock, a BH, a semaphore).
-/// `@unchecked Sendable`: each use names what orders its accesses.
-final class UncheckedBox<T>: @unchecked Sendable {
-    var value: T
-    init(_ value: T) { self.value = value }
-}

@@ -73,6 +73,7 @@ final class FdHandler: @unchecked Sendable {
     let events: UInt32
     @exclusivity(unchecked) var userData: UInt64 = 0
 
+    // Home thread only, as the fields above and below.
     @exclusivity(unchecked) var deleted = false
     // Dispatch state.
     @exclusivity(unchecked) var revents: UInt32 = 0

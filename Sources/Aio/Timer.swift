@@ -28,6 +28,7 @@ public final class AioTimer: @unchecked Sendable {
     @exclusivity(unchecked) var heapIndex: Int = -1
 
     init(context: AioContext, clock: AioClock, callback: @escaping @Sendable () -> Void) {
+        // Unretained: a timer is not used after its context has gone (ThreadingRules).
         self.unmanagedContext = Unmanaged.passUnretained(context)
         self.clock = clock
         self.callback = callback

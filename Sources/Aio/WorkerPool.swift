@@ -148,6 +148,7 @@ final class WorkerPool: @unchecked Sendable {
             return nil
         }, me)
         guard rc == 0 else {
+            // No worker took the reference passed to it: release it here.
             Unmanaged<WorkerPool>.fromOpaque(me).release()
             return rc
         }

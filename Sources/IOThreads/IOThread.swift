@@ -89,18 +89,22 @@ public final class IOThread: @unchecked Sendable {
             let affinity: [Int]?
             let backend: AioContext.Backend
             init(_ t: IOThread, _ a: [Int]?, _ b: AioContext.Backend) {
+                // Unretained: deinit joins the thread, so the IOThread outlives it.
                 thread = Unmanaged.passUnretained(t)
                 affinity = a
                 backend = b
             }
         }
+        // Retained for the new thread, which takes the reference back as its first act.
         let start = Unmanaged.passRetained(Start(self, cpuAffinity, backend)).toOpaque()
         let rc = pthread_create(&thread, nil, { arg in
+            // The reference passed above: released when the thread's body returns.
             let start = Unmanaged<Start>.fromOpaque(arg!).takeRetainedValue()
             start.thread._withUnsafeGuaranteedRef { $0.run(affinity: start.affinity, backend: start.backend) }
             return nil
         }, start)
         guard rc == 0 else {
+            // No thread took the reference passed to it: release it here.
             Unmanaged<Start>.fromOpaque(start).release()
             life.withLock { $0.phase = .stopped }  // deinit (which runs now) has nothing to stop
             throw IOThreadError(.resource, "Failed to create thread for iothread '\(id)': \(String(cString: strerror(rc)))")
@@ -181,6 +185,7 @@ public final class IOThread: @unchecked Sendable {
             guard join else { return }
             precondition(pthread_equal(pthread_self(), thread) == 0,
                          "BUG DETECTED: IOThread '\(id)' stopped from its own thread (stop joins it)")
+            // unowned(unsafe): the join below outlasts the BH, and self outlives the join.
             context.scheduleOneShot(name: "iothread-stop") { [unowned(unsafe) self] in self.running = false }
             pthread_join(thread, nil)
             life.withLock { $0.phase = .stopped }

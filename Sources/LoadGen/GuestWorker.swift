@@ -34,6 +34,8 @@ public final class GuestWorker: @unchecked Sendable {
     /// A copy of the histogram the live line reads, refreshed about 4 times a second.
     let published = Locked<Histogram<UInt64>?>(nil)
     var thread = pthread_t()
+    /// Whether the thread runs (or ran and was not joined yet). Touched by the owner only.
+    var started = false
     /// False if the device stopped answering after a stop was requested (reported as lost).
     public private(set) var drained = true
 
@@ -59,17 +61,31 @@ public final class GuestWorker: @unchecked Sendable {
                   spinning: config.guest == .spinning, rate: config.rate)
     }
 
-    /// Starts the guest thread.
-    public func start() {
-        pthread_create(&thread, nil, { arg in
-            let w = Unmanaged<GuestWorker>.fromOpaque(arg!).takeUnretainedValue()
+    /// Starts the guest thread. The thread keeps the worker alive until it returns.
+    /// - Throws: ``DeviceError`` when the kernel refuses the thread.
+    public func start() throws(DeviceError) {
+        precondition(!started, "BUG DETECTED: a GuestWorker was started twice")
+        // Retained for the thread, which takes the reference back when it starts.
+        let me = Unmanaged.passRetained(self).toOpaque()
+        let rc = pthread_create(&thread, nil, { arg in
+            // The reference passed above: the worker lives while its thread runs.
+            let w = Unmanaged<GuestWorker>.fromOpaque(arg!).takeRetainedValue()
             w.run()
             return nil
-        }, Unmanaged.passUnretained(self).toOpaque())
+        }, me)
+        guard rc == 0 else {
+            Unmanaged<GuestWorker>.fromOpaque(me).release()  // the thread that would have taken it never ran
+            throw DeviceError("cannot start a guest thread: \(String(cString: strerror(rc)))")
+        }
+        started = true
     }
 
-    /// Waits for the guest thread, after ``requestStop()``.
-    public func join() { pthread_join(thread, nil) }
+    /// Waits for the guest thread, after ``requestStop()`` (at once if it never started).
+    public func join() {
+        guard started else { return }
+        pthread_join(thread, nil)
+        started = false
+    }
 
     func run() {
         var next = monotonicNanoseconds()  // open loop: the next scheduled issue time

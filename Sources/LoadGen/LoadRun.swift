@@ -39,7 +39,7 @@ public enum LoadRunner {
                 workers.append(GuestWorker(guest: try GuestQueue(device: dev, queue: q), config: config))
             }
         }
-        for w in workers { w.start() }
+        for w in workers { try w.start() }
 
         // Churn (W6): every interval, move one device (round robin) to the next IOThread.
         let churnStop = StopFlag()

@@ -61,6 +61,8 @@ public final class QMPServer: @unchecked Sendable {
             _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
             let client = Client(fd: fd)
+            // unowned(unsafe) self: sessions end (disconnect, stop) before the server can go;
+            // unowned client: the client owns its session.
             client.session = MonitorSession { [unowned(unsafe) self, unowned client] text in send(client, Array(text.utf8)) }
             client.session.onBacklog = { [unowned(unsafe) self, unowned client] full in
                 client.reading = !full
@@ -77,6 +79,7 @@ public final class QMPServer: @unchecked Sendable {
     func watch(_ client: Client) {
         guard clients[client.fd] === client else { return }
         let fd = client.fd
+        // unowned(unsafe): the handlers are removed in disconnect or stop(), before the server goes.
         let read: (@Sendable () -> Void)? = client.reading ? { @Sendable [unowned(unsafe) self] in readable(fd) } : nil
         let write: (@Sendable () -> Void)? = client.writing ? { @Sendable [unowned(unsafe) self] in writable(fd) } : nil
         if read == nil && write == nil {

@@ -170,6 +170,8 @@ public final class Export: @unchecked Sendable {
     }
 
     func listen() {
+        // unowned(unsafe): the handler is removed (shutdownOnHomeThread, a move) before delete()
+        // returns, and an export lives until then (deinit checks it).
         ctx.setFdHandler(listenFD, FdHandlerCallbacks(read: { [unowned(unsafe) self] in acceptAll() }))
     }
 

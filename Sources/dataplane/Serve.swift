@@ -78,10 +78,12 @@ struct Serve: ParsableCommand {
             do { try Serve.loop(path: path, iothreads: ids, startup: commands, pidfile: pidfile) } catch { outcome.error = error }
         }
         var thread = pthread_t()
-        pthread_create(&thread, nil, { arg in
+        // Retained for the loop thread, which takes the reference back and runs the loop.
+        let rc = pthread_create(&thread, nil, { arg in
             Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue().body()
             return nil
         }, Unmanaged.passRetained(box).toOpaque())
+        guard rc == 0 else { throw StartupError(description: "cannot start the main loop thread: \(String(cString: strerror(rc)))") }
         pthread_join(thread, nil)
         if let e = outcome.error { throw e }
     }

@@ -31,7 +31,7 @@ func dataplaneW3(_ c: W3Config, warmupNs: Int64, durationNs: Int64, countMallocs
     let dev = try VirtioBlkDevice(id: "disk0", queues: 1, queueSize: 256, backend: .null)
     try blockOn { try await dev.attach(to: thread) }
     let guest = GuestWorker(guest: try GuestQueue(device: dev, queue: 0), depth: c.qd, spinning: c.spinning, live: false)
-    guest.start()
+    try guest.start()
     sleepNanoseconds(warmupNs)
     let s = dev.statistics(queue: 0)
     let k0 = s.kicks, i0 = s.interrupts, c0 = s.completions
@@ -98,7 +98,7 @@ func dataplaneW6(durationNs: Int64) throws -> [String: Double] {
         devices.append(dev)
         guests.append(GuestWorker(guest: try GuestQueue(device: dev, queue: 0), depth: 32, spinning: false, live: false))
     }
-    for g in guests { g.start() }
+    for g in guests { try g.start() }
     sleepNanoseconds(300_000_000)
     let moving = devices[0]
     let pauses = try blockOn { () async throws -> [Int64] in
