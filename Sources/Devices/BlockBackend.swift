@@ -102,29 +102,3 @@ public func parseDuration(_ text: String) -> Int64? {
     }
     return Int64(text)
 }
-
-/// virtio-blk request constants (virtio 1.x §5.2.6).
-public enum VirtioBlk {
-    public static let typeIn: UInt32 = 0
-    public static let typeOut: UInt32 = 1
-    public static let typeFlush: UInt32 = 4
-    public static let typeGetID: UInt32 = 8
-    public static let typeDiscard: UInt32 = 11
-    public static let typeWriteZeroes: UInt32 = 13
-    /// Discard / write-zeroes segment flag: the range may be deallocated.
-    public static let writeZeroesFlagUnmap: UInt32 = 1
-    /// The most sectors one discard or write-zeroes segment may cover (config space).
-    public static let maxDiscardSectors: UInt64 = 32768
-    // fallocate(2) modes (glibc defines them only under _GNU_SOURCE).
-    static let fallocKeepSize: Int32 = 0x01
-    static let fallocPunchHole: Int32 = 0x02
-    static let fallocZeroRange: Int32 = 0x10
-    /// Legacy flag bit in `type`, masked off before dispatch (as QEMU does).
-    public static let typeBarrier: UInt32 = 0x8000_0000
-    public static let statusOK: UInt8 = 0
-    public static let statusIOErr: UInt8 = 1
-    public static let statusUnsupported: UInt8 = 2
-    public static let sectorSize: UInt64 = 512
-    public static let headerSize = 16
-    public static let idBytes = 20
-}

@@ -187,10 +187,3 @@ public final class GuestMemory: @unchecked Sendable {
 
 /// The page size of the file behind `fd` (a mapping's file offset must be a multiple of it).
 func filePageSize(_ fd: Int32) -> UInt64 { UInt64(max(4096, dp_file_page_size(fd))) }
-
-/// An error a device reports to its caller (bad configuration, wrong state).
-public struct DeviceError: Error, Equatable, CustomStringConvertible, Sendable {
-    public let message: String
-    public init(_ message: String) { self.message = message }
-    public var description: String { message }
-}

@@ -112,22 +112,6 @@ public enum VhostUser {
     public static let maxQueueSize = 32768
 }
 
-/// The virtio-blk feature bits (virtio 1.x §5.2.3) and transport bits a back end offers.
-public enum VirtioBlkFeature {
-    public static let sizeMax: UInt64 = 1 << 1
-    public static let segMax: UInt64 = 1 << 2
-    public static let readOnly: UInt64 = 1 << 5
-    public static let blkSize: UInt64 = 1 << 6
-    public static let flush: UInt64 = 1 << 9
-    public static let topology: UInt64 = 1 << 10
-    public static let configWCE: UInt64 = 1 << 11
-    public static let multiQueue: UInt64 = 1 << 12
-    public static let discard: UInt64 = 1 << 13
-    public static let writeZeroes: UInt64 = 1 << 14
-    public static let indirectDesc: UInt64 = 1 << 28
-    public static let eventIdx: UInt64 = 1 << 29
-    public static let version1: UInt64 = 1 << 32
-}
 
 /// A message as read off the socket (home thread only; its fds are owned until taken).
 struct VhostUserMessage {
