@@ -4,6 +4,8 @@
 test: deps .venv-qmp/bin/python
 	@echo "== every unsafe construct carries its argument"
 	python3 scripts/check-unsafe.py
+	@echo "== every program in the README and the DocC catalogs builds and runs"
+	python3 scripts/check-snippets.py
 	swift build --build-tests
 	@echo "== tests on the default backend"
 	swift test
