@@ -101,13 +101,15 @@ public struct LoadResult: Codable, Sendable {
     public var iothreads: [IOThreadFigures]
     public var churn: Churn?
     public var holders: Holders
-    public var backend: String
+    /// The IOThreads' fd-monitoring backend (`io_uring` or `epoll`), as `--fdmon` names it;
+    /// the devices' block backend is `config.backend`.
+    public var fdmon: String
     public var machine: Machine
     public var config: Config
 
     enum CodingKeys: String, CodingKey {
         case iops, latencyNs = "latency_ns", requests, kicksPerRequest = "kicks_per_request"
         case interruptsPerRequest = "interrupts_per_request", iothreadCPUNsPerRequest = "iothread_cpu_ns_per_request"
-        case iothreads, churn, holders, backend, machine, config
+        case iothreads, churn, holders, fdmon, machine, config
     }
 }

@@ -130,7 +130,7 @@ public enum LoadRunner {
                 moves: p.count, pauseNs: .init(p50: p.isEmpty ? 0 : p[p.count / 2],
                                                p99: p.isEmpty ? 0 : p[min(p.count - 1, p.count * 99 / 100)], max: p.last ?? 0)),
             holders: .init(expected: holdersExpected, attached: holdersAttached, afterDetach: holdersAfterDetach),
-            backend: threads[0].backendKind.rawValue,
+            fdmon: threads[0].backendKind.rawValue,
             machine: .current,
             config: .init(config))
     }

@@ -41,7 +41,7 @@ public enum Report {
         for (name, value) in figures {
             body += "<section class=\"chart\"><h2>\(escape(name))</h2>\n" + barChart(rows.map { ($0.0, value($0.1)) }) + "</section>\n"
         }
-        let machine = rows.first.map { "\($0.1.machine.cpu), \($0.1.machine.vcpus) vCPUs, kernel \($0.1.machine.kernel), \($0.1.machine.build) build, backend \($0.1.backend)" } ?? ""
+        let machine = rows.first.map { "\($0.1.machine.cpu), \($0.1.machine.vcpus) vCPUs, kernel \($0.1.machine.kernel), \($0.1.machine.build) build, fdmon \($0.1.fdmon)" } ?? ""
         return """
         <!DOCTYPE html>
         <html lang="en"><head><meta charset="utf-8"><title>\(escape(title))</title>

@@ -89,7 +89,7 @@ struct Load: AsyncParsableCommand {
         if json {
             print(try Report.json(result))
         } else {
-            print("machine: \(result.machine.cpu), \(result.machine.vcpus) vCPUs, kernel \(result.machine.kernel), \(result.machine.build) build; backend \(result.backend)")
+            print("machine: \(result.machine.cpu), \(result.machine.vcpus) vCPUs, kernel \(result.machine.kernel), \(result.machine.build) build; fdmon \(result.fdmon)")
             print(Report.table([(label(config), result)]))
         }
         if let report {
@@ -186,7 +186,7 @@ struct Demo: AsyncParsableCommand {
             }
         }
         if let r = rows.first?.1 {
-            print("machine: \(r.machine.cpu), \(r.machine.vcpus) vCPUs, kernel \(r.machine.kernel), \(r.machine.build) build; backend \(r.backend)")
+            print("machine: \(r.machine.cpu), \(r.machine.vcpus) vCPUs, kernel \(r.machine.kernel), \(r.machine.build) build; fdmon \(r.fdmon)")
         }
         print(Report.table(rows))
         for qd in [0, 2] where rows.count >= qd + 2 {

@@ -46,7 +46,7 @@ struct SoakCommand: AsyncParsableCommand {
             let l = r.load
             let seconds = Double(c.durationNs) / 1e9
             let moves = l.churn?.moves ?? 0
-            print("soak: \(l.backend), \(c.devices) devices on 2 IOThreads, churn every \(churn), \(duration) measured")
+            print("soak: \(l.fdmon), \(c.devices) devices on 2 IOThreads, churn every \(churn), \(duration) measured")
             print(String(format: "  %d moves (%.0f/s), pause p50 %.1f µs, p99 %.1f µs, max %.1f µs", moves, Double(moves) / seconds,
                          Double(l.churn?.pauseNs.p50 ?? 0) / 1e3, Double(l.churn?.pauseNs.p99 ?? 0) / 1e3, Double(l.churn?.pauseNs.max ?? 0) / 1e3))
             print("  requests: \(l.requests.submitted) submitted, \(l.requests.completed) completed, \(l.requests.lost) lost, \(l.requests.duplicated) completed twice")

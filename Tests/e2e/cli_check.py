@@ -6,6 +6,7 @@ Help and version print to standard output and exit 0; a bad argument is one line
 error and exit 2, with the same message whichever way the value is spelled; a duration needs
 its unit. Prints one line per check and 'cli: N passed, M failed'.
 """
+import json
 import os
 import subprocess
 import sys
@@ -59,6 +60,16 @@ def main(binary):
     bad(["sweep", "--guest-grid", "lazy"], "--guest-grid: bad value lazy")
     bad(["load", "--bogus"], "Unknown option '--bogus'")
     bad(["serve"], "nothing to serve")
+
+    # --json names the two backends apart: the IOThreads' fd monitor, and the devices' block backend.
+    rc, out, err = run(binary, "load", "--duration", "200ms", "--warmup", "100ms", "--backend", "nop", "--json")
+    try:
+        doc = json.loads(out)
+    except ValueError:
+        doc = {}
+    check("load --json: 'fdmon' is io_uring or epoll, 'config.backend' the block backend, nothing called both",
+          rc == 0 and doc.get("fdmon") in ("io_uring", "epoll") and doc.get("config", {}).get("backend") == "nop"
+          and "backend" not in doc, (rc, out[:300], err[:200]))
 
     # serve says when it is ready, and what it serves.
     tmp = tempfile.mkdtemp(prefix="dataplane-cli-")
