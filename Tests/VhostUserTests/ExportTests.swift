@@ -270,16 +270,33 @@ struct ExportTests {
             let fe = try rig.frontEnd()
             try fe.connect(queues: 1)
             try fe.start(queues: 1, features: linuxFeatures(try fe.getU64(.getFeatures)))
-            try fe.state(.setVringEnable, index: 0, num: 0)
-            #expect(try fe.getU64(.getQueueNum) == 1)  // a round trip: the disable was applied
+            // The counters of the queue the enable started (a queue started again is a new one,
+            // with counters of its own).
+            #expect(eventually { rig.export.queueStatistics(0) != nil })
+            let disabled = try #require(rig.export.queueStatistics(0))
+            // With REPLY_ACK: once the ack is here, the ring takes no more requests (the session
+            // stops the queue beside it before it answers).
+            try fe.send(.setVringEnable, flags: 0x9, payload: u32(0) + u32(0))
+            #expect(try fe.receive(.setVringEnable) == u64(0))
             let g = fe.guests[0]
             for id in 0..<3 { g.submit(id: UInt64(id)) }
-            usleep(50_000)
-            #expect(g.ring.usedIdx == 0, "a disabled ring takes no request")
+            // A correct export does nothing here, so there is no event to wait for. A round trip
+            // through the export's thread instead of a sleep: a ring that still watched its kick
+            // would have taken the requests by the time this is answered (the kicks were written
+            // first, so its loop sees them no later than this message), and the counters below
+            // keep that for good.
+            #expect(try fe.getU64(.getQueueNum) == 1)
             try fe.state(.setVringEnable, index: 0, num: 1)
             var n = 0
             #expect(reap(g, count: 3) { _, s, _, _ in if s == 0 { n += 1 } } == 3)
             #expect(n == 3)
+            let enabled = try #require(rig.export.queueStatistics(0))
+            let restarted = enabled !== disabled
+            #expect(restarted, "enabling the ring again started a queue")
+            // All three stayed in the ring: the disabled ring's queue took none of them, the
+            // queue the enable started took all three.
+            #expect(disabled.requests == 0, "a disabled ring takes no request")
+            #expect(enabled.requests == 3)
         }
     }
 
