@@ -352,14 +352,18 @@ struct ExportTests {
         try rig.thread.stop()
     }
 
-    @Test("disconnect drains and unmaps; a reconnect (QEMU's replay) finds every completed write",
+    // (A disconnect with requests in flight drains them first: MultiIOThreadTests.)
+    @Test("disconnect unmaps guest memory; a reconnect (QEMU's replay) finds every completed write",
           .timeLimit(.minutes(1)), arguments: backendsUnderTest)
     func reconnect(_ fdmon: AioContext.Backend) async throws {
         let rig = try Rig(fdmon)
+        let ownMapping = rig.ram.mappedBytes  // the test's own view of guest RAM
+        #expect(ownMapping > 0)
         var fe: FrontEnd? = try rig.frontEnd()
         try fe!.connect(queues: 1)
         let features = linuxFeatures(try fe!.getU64(.getFeatures))
         try fe!.start(queues: 1, features: features)
+        #expect(rig.ram.mappedBytes == 2 * ownMapping, "the export mapped the memory table")
         for i in 0..<8 {
             fe!.guests[0].submit(id: UInt64(i), type: VirtioBlk.typeOut, sector: UInt64(i * 8)) { pattern(100 + i).withUnsafeBytes($0.copyMemory) }
         }
@@ -369,6 +373,7 @@ struct ExportTests {
         let guest = fe!.guestSide
         fe = nil  // the connection closes
         #expect(eventually { !rig.export.isConnected })
+        #expect(eventually { rig.ram.mappedBytes == ownMapping }, "the export unmapped guest memory")
         let fe2 = try rig.frontEnd()
         fe2.adoptGuest(guest)
         #expect(rig.export.inFlight == 0)
@@ -386,5 +391,29 @@ struct ExportTests {
         #expect(try fe2.stop(queues: 1) == [16])
         try await rig.finish()
         for i in 0..<8 { #expect(rig.disk.read(at: i * 8 * 512, count: 4096) == pattern(100 + i)) }
+    }
+}
+
+extension GuestRAM {
+    /// Bytes of this guest RAM mapped in the process now (/proc/self/maps, by the memfd's
+    /// inode): the test's own mapping, plus the export's while a session has a memory table.
+    var mappedBytes: Int {
+        var st = stat()
+        guard fstat(fd, &st) == 0, let f = fopen("/proc/self/maps", "r") else { return -1 }
+        defer { fclose(f) }
+        var line: UnsafeMutablePointer<CChar>? = nil
+        var capacity = 0
+        defer { free(line) }
+        var total = 0
+        while getline(&line, &capacity, f) > 0 {
+            // start-end perms offset dev inode path
+            let fields = String(cString: line!).split(separator: " ", omittingEmptySubsequences: true)
+            guard fields.count >= 5, UInt64(fields[4]) == UInt64(st.st_ino) else { continue }
+            let range = fields[0].split(separator: "-")
+            if range.count == 2, let start = UInt(range[0], radix: 16), let end = UInt(range[1], radix: 16) {
+                total += Int(end - start)
+            }
+        }
+        return total
     }
 }
