@@ -216,6 +216,11 @@ struct ExportTests {
         #expect(reap(fe.guests[0], count: 1) { _, s, _, _ in status = s } == 1)
         #expect(status == VirtioBlk.statusOK)
         #expect(rig.disk.read(at: 16 * 512, count: 4096) == pattern(16))
+        // And back on.
+        try fe.send(.setConfig, flags: 0x9, payload: u32(32) + u32(1) + u32(0) + [1])
+        #expect(try fe.receive(.setConfig) == u64(0))
+        try fe.send(.getConfig, payload: u32(32) + u32(1) + u32(0) + [0xAA])
+        #expect(try fe.receive(.getConfig) == u32(32) + u32(1) + u32(0) + [1])
         try await rig.finish()
     }
 
