@@ -20,8 +20,10 @@ struct BackendTests {
         #expect(throws: DeviceError("unknown backend 'floppy': expected null, nop, file:PATH or delay:DURATION")) {
             try BlockBackend(parsing: "floppy")
         }
-        #expect(throws: DeviceError.self) { try BlockBackend(parsing: "delay:soon") }
-        #expect(throws: DeviceError.self) { try BlockBackend(parsing: "file:") }
+        #expect(throws: DeviceError("backend 'delay:' needs a duration such as 100us, 2ms or 1s")) {
+            try BlockBackend(parsing: "delay:soon")
+        }
+        #expect(throws: DeviceError("backend 'file:' needs a path")) { try BlockBackend(parsing: "file:") }
     }
 
     @Test("null, nop and delay complete every request with status OK", .timeLimit(.minutes(1)),
