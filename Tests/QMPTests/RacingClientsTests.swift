@@ -120,6 +120,8 @@ struct RacingClientsTests {
                 var finished = false
                 c.monitor.shutdown { finished = true }
                 check(c.pump { finished }, 3, "shutdown finished")
+                check(c.monitor.devices.isEmpty, 5, "no device left: \(c.monitor.devices.keys)")
+                // Removes the IOThreads nothing holds: none may stay.
                 c.monitor.registry.removeAll()
                 check(c.monitor.registry.all.isEmpty, 4, "no IOThread left: \(c.monitor.registry.all.map { $0.holders })")
             }
