@@ -59,7 +59,7 @@ let package = Package(
         .testTarget(name: "QMPTests", dependencies: ["QMP", "VhostUser", "Devices", "Aio", "IOThreads", "CShims"], swiftSettings: strict),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Devices", "IOThreads", "Aio", "CShims", "TestSupport"],
                     swiftSettings: strict),
-        .testTarget(name: "LoadGenTests", dependencies: ["LoadGen", "Devices", "Aio"], swiftSettings: strict),
+        .testTarget(name: "LoadGenTests", dependencies: ["LoadGen", "Devices", "Aio", "TestSupport"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -216,6 +216,11 @@ struct ExportTests {
         #expect(reap(fe.guests[0], count: 1) { _, s, _, _ in status = s } == 1)
         #expect(status == VirtioBlk.statusOK)
         #expect(rig.disk.read(at: 16 * 512, count: 4096) == pattern(16))
+        // And back on.
+        try fe.send(.setConfig, flags: 0x9, payload: u32(32) + u32(1) + u32(0) + [1])
+        #expect(try fe.receive(.setConfig) == u64(0))
+        try fe.send(.getConfig, payload: u32(32) + u32(1) + u32(0) + [0xAA])
+        #expect(try fe.receive(.getConfig) == u32(32) + u32(1) + u32(0) + [1])
         try await rig.finish()
     }
 
@@ -270,16 +275,33 @@ struct ExportTests {
             let fe = try rig.frontEnd()
             try fe.connect(queues: 1)
             try fe.start(queues: 1, features: linuxFeatures(try fe.getU64(.getFeatures)))
-            try fe.state(.setVringEnable, index: 0, num: 0)
-            #expect(try fe.getU64(.getQueueNum) == 1)  // a round trip: the disable was applied
+            // The counters of the queue the enable started (a queue started again is a new one,
+            // with counters of its own).
+            #expect(eventually { rig.export.queueStatistics(0) != nil })
+            let disabled = try #require(rig.export.queueStatistics(0))
+            // With REPLY_ACK: once the ack is here, the ring takes no more requests (the session
+            // stops the queue beside it before it answers).
+            try fe.send(.setVringEnable, flags: 0x9, payload: u32(0) + u32(0))
+            #expect(try fe.receive(.setVringEnable) == u64(0))
             let g = fe.guests[0]
             for id in 0..<3 { g.submit(id: UInt64(id)) }
-            usleep(50_000)
-            #expect(g.ring.usedIdx == 0, "a disabled ring takes no request")
+            // A correct export does nothing here, so there is no event to wait for. A round trip
+            // through the export's thread instead of a sleep: a ring that still watched its kick
+            // would have taken the requests by the time this is answered (the kicks were written
+            // first, so its loop sees them no later than this message), and the counters below
+            // keep that for good.
+            #expect(try fe.getU64(.getQueueNum) == 1)
             try fe.state(.setVringEnable, index: 0, num: 1)
             var n = 0
             #expect(reap(g, count: 3) { _, s, _, _ in if s == 0 { n += 1 } } == 3)
             #expect(n == 3)
+            let enabled = try #require(rig.export.queueStatistics(0))
+            let restarted = enabled !== disabled
+            #expect(restarted, "enabling the ring again started a queue")
+            // All three stayed in the ring: the disabled ring's queue took none of them, the
+            // queue the enable started took all three.
+            #expect(disabled.requests == 0, "a disabled ring takes no request")
+            #expect(enabled.requests == 3)
         }
     }
 
@@ -335,14 +357,18 @@ struct ExportTests {
         try rig.thread.stop()
     }
 
-    @Test("disconnect drains and unmaps; a reconnect (QEMU's replay) finds every completed write",
+    // (A disconnect with requests in flight drains them first: MultiIOThreadTests.)
+    @Test("disconnect unmaps guest memory; a reconnect (QEMU's replay) finds every completed write",
           .timeLimit(.minutes(1)), arguments: backendsUnderTest)
     func reconnect(_ fdmon: AioContext.Backend) async throws {
         let rig = try Rig(fdmon)
+        let ownMapping = rig.ram.mappedBytes  // the test's own view of guest RAM
+        #expect(ownMapping > 0)
         var fe: FrontEnd? = try rig.frontEnd()
         try fe!.connect(queues: 1)
         let features = linuxFeatures(try fe!.getU64(.getFeatures))
         try fe!.start(queues: 1, features: features)
+        #expect(rig.ram.mappedBytes == 2 * ownMapping, "the export mapped the memory table")
         for i in 0..<8 {
             fe!.guests[0].submit(id: UInt64(i), type: VirtioBlk.typeOut, sector: UInt64(i * 8)) { pattern(100 + i).withUnsafeBytes($0.copyMemory) }
         }
@@ -352,6 +378,7 @@ struct ExportTests {
         let guest = fe!.guestSide
         fe = nil  // the connection closes
         #expect(eventually { !rig.export.isConnected })
+        #expect(eventually { rig.ram.mappedBytes == ownMapping }, "the export unmapped guest memory")
         let fe2 = try rig.frontEnd()
         fe2.adoptGuest(guest)
         #expect(rig.export.inFlight == 0)
@@ -369,5 +396,29 @@ struct ExportTests {
         #expect(try fe2.stop(queues: 1) == [16])
         try await rig.finish()
         for i in 0..<8 { #expect(rig.disk.read(at: i * 8 * 512, count: 4096) == pattern(100 + i)) }
+    }
+}
+
+extension GuestRAM {
+    /// Bytes of this guest RAM mapped in the process now (/proc/self/maps, by the memfd's
+    /// inode): the test's own mapping, plus the export's while a session has a memory table.
+    var mappedBytes: Int {
+        var st = stat()
+        guard fstat(fd, &st) == 0, let f = fopen("/proc/self/maps", "r") else { return -1 }
+        defer { fclose(f) }
+        var line: UnsafeMutablePointer<CChar>? = nil
+        var capacity = 0
+        defer { free(line) }
+        var total = 0
+        while getline(&line, &capacity, f) > 0 {
+            // start-end perms offset dev inode path
+            let fields = String(cString: line!).split(separator: " ", omittingEmptySubsequences: true)
+            guard fields.count >= 5, UInt64(fields[4]) == UInt64(st.st_ino) else { continue }
+            let range = fields[0].split(separator: "-")
+            if range.count == 2, let start = UInt(range[0], radix: 16), let end = UInt(range[1], radix: 16) {
+                total += Int(end - start)
+            }
+        }
+        return total
     }
 }

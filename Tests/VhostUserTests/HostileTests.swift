@@ -258,7 +258,9 @@ struct HostileTests {
             let fe = try rig.frontEnd()
             let h = u32(VhostUserRequest.getQueueNum.rawValue) + u32(1) + u32(0)
             _ = h.withUnsafeBytes { send(fe.sock, $0.baseAddress, 5, 0) }
-            usleep(20_000)
+            // The second part only once the export has read the first (our send queue is empty
+            // then), so that the message really arrives in two reads.
+            #expect(eventually { unreadBytes(fe.sock) == 0 }, "the export read the first 5 bytes")
             _ = h.withUnsafeBytes { send(fe.sock, $0.baseAddress! + 5, 7, 0) }
             #expect(try fe.receive(.getQueueNum) == u64(1))
             try fe.connect(queues: 1)
@@ -296,6 +298,13 @@ struct HostileTests {
             #expect(rig.export.connectionCount == 1 && rig.export.isConnected)
         }
     }
+}
+
+/// What this end of a UNIX stream socket sent that the peer has not read yet (SIOCOUTQ: the
+/// memory of the messages still queued, 0 once the peer has read them all); -1 on error.
+func unreadBytes(_ sock: Int32) -> Int32 {
+    var n: Int32 = 0
+    return ioctl(sock, UInt(TIOCOUTQ), &n) == 0 ? n : -1
 }
 
 /// Descriptors open in this process on the same file as `fd` (counting `fd`).

@@ -1,6 +1,8 @@
-"""What the end-to-end scripts share: pass/fail bookkeeping (one line per check), and the
-warm-up before a resource baseline."""
+"""What the end-to-end scripts share: pass/fail bookkeeping (one line per check), the warm-up
+before a resource baseline, and waiting for what a server does on its own time."""
 import asyncio
+import os
+import time
 
 from qemu.qmp import QMPClient
 
@@ -23,9 +25,33 @@ class Checklist:
         return self.failed == 0
 
 
-async def warm_up(path):
+async def wait_until(predicate, timeout=10.0):
+    """Polls `predicate` until it holds or `timeout` seconds pass; returns whether it held."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def sockets(pid):
+    """How many sockets process `pid` has open (its listener and its clients' connections)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass  # closed meanwhile
+    return n
+
+
+async def warm_up(path, pid):
     """A client, an IOThread and three hot-plug cycles: the runtime creates some of its threads
-    and descriptors lazily, so a baseline taken before this would count them as growth."""
+    and descriptors lazily, so a baseline taken before this would count them as growth.
+    Returns once server `pid` has closed the warm-up client's connection (it does so when it
+    reads the end of the stream, on its own time), so that the baseline counts no client."""
+    idle = sockets(pid)
     q = QMPClient("warm")
     await q.connect(path)
     await q.execute("object-add", {"qom-type": "iothread", "id": "warm"})
@@ -36,4 +62,5 @@ async def warm_up(path):
             await asyncio.wait_for(listener.get(), 10)
     await q.execute("object-del", {"id": "warm"})
     await q.disconnect()
-    await asyncio.sleep(0.2)
+    if not await wait_until(lambda: sockets(pid) <= idle):
+        raise RuntimeError(f"the server kept the warm-up client's connection ({sockets(pid)} sockets, {idle} before it)")

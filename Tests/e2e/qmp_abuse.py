@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from checklist import Checklist, warm_up
+from checklist import Checklist, wait_until, warm_up
 from qemu.qmp import QMPClient
 
 check = Checklist()
@@ -123,7 +123,7 @@ async def main(binary, seconds):
             if os.path.exists(path):
                 break
             time.sleep(0.05)
-        await warm_up(path)
+        await warm_up(path, proc.pid)
         before = resources(proc.pid)
         fds_before = descriptors(proc.pid)
 
@@ -153,7 +153,12 @@ async def main(binary, seconds):
         threads = await q.execute("query-iothreads")
         check("a fresh client is served afterwards", threads == [], threads)
         await q.disconnect()
-        await asyncio.sleep(0.5)
+        # The server closes the last clients' connections and joins the IOThreads' threads on
+        # its own time: wait (bounded) until it is back to the baseline, then check.
+        def back_to_baseline():
+            fds, n_threads, _ = resources(proc.pid)
+            return fds <= before[0] and n_threads <= before[1]
+        await wait_until(back_to_baseline)
         after = resources(proc.pid)
         fds_after = descriptors(proc.pid)
         new = sorted(f"{k} -> {v}" for k, v in fds_after.items() if fds_before.get(k) != v)

@@ -327,7 +327,7 @@ async def main(binary, seconds, seed):
             if os.path.exists(path):
                 break
             time.sleep(0.05)
-        await warm_up(path)
+        await warm_up(path, proc.pid)
         before = resources(proc.pid)
         fds_before = descriptors(proc.pid)
 
