@@ -216,6 +216,14 @@ public final class Export: @unchecked Sendable {
     // MARK: - Connections (home thread)
 
     func acceptAll() {
+        // A front end that closed and connected again at once: its new connection may be here
+        // before the session has read the end of the old one. End that session now and leave
+        // the new connection in the backlog, where the listener finds it once the session has
+        // drained, instead of refusing it as a second front end.
+        if let s = session, !s.closed, s.peerHungUp() {
+            s.disconnect("front end closed the connection")
+            return
+        }
         while listenFD >= 0 {
             let fd = accept(listenFD, nil, nil)
             guard fd >= 0 else { return }  // EAGAIN: done; EMFILE etc.: it waits in the backlog

@@ -122,4 +122,12 @@ extension Session {
             if !paused { watch() }
         }
     }
+
+    /// Whether the front end has closed its end (POLLRDHUP or POLLHUP; 0x2000 is POLLRDHUP,
+    /// which Glibc's module does not export), whatever is still unread.
+    func peerHungUp() -> Bool {
+        var p = pollfd(fd: fd, events: Int16(POLLIN) | 0x2000, revents: 0)
+        guard poll(&p, 1, 0) == 1 else { return false }
+        return p.revents & (0x2000 | Int16(POLLHUP)) != 0
+    }
 }

@@ -85,8 +85,14 @@ extension Session {
         export.retire(queue: v.index, b.queue.statistics)
         let w = v.waiters
         v.waiters = []
+        guard !w.isEmpty else {
+            reconcileOrDisconnect(v)  // it may have been enabled again meanwhile (ENABLE 0 then 1)
+            return
+        }
+        // Waiters belong to quiesces that hold this ring (their release reconciles it). The last
+        // may be a move's, which hands the session to another thread: after it, this thread
+        // must not touch the session, so nothing follows the waiters here.
         for body in w { body() }
-        reconcileOrDisconnect(v)  // it may have been enabled again meanwhile (ENABLE 0 then 1)
     }
 
     func reconcileOrDisconnect(_ v: Vring) {

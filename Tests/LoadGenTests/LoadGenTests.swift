@@ -149,7 +149,7 @@ struct LoadGenTests {
         // process; here the run's own figures and IOThreads.
         let r = try await Soak.run(c, processWide: false)
         #expect(r.passed, "\(r.failures)")
-        if backend == .epoll { #expect(r.load.backend == "epoll") }
+        if backend == .epoll { #expect(r.load.fdmon == "epoll") }
         // (The soak itself fails a run in which no device moved.)
         #expect(r.load.holders.expected == 4 && r.load.holders.attached == 4 && r.load.holders.afterDetach == 0)
         // A sample follows every sleep of at most a second, in the warm-up and in the measured

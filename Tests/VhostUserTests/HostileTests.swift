@@ -282,6 +282,22 @@ struct HostileTests {
         }
     }
 
+    @Test("a front end that closes and connects again at once is served, not refused as a second one",
+          .timeLimit(.minutes(1)), arguments: backendsUnderTest)
+    func immediateReconnect(_ fdmon: AioContext.Backend) async throws {
+        try await withRig(fdmon) { rig in
+            for round in 0..<100 {
+                // Each front end is dropped (its socket closed) at the end of the round, and the
+                // next one connects at once: the export may see the new connection before the
+                // end of the old one.
+                let fe = try rig.frontEnd()
+                #expect(try fe.getU64(.getQueueNum) == 1, "round \(round)")
+            }
+            #expect(rig.export.refusedConnections == 0)
+            #expect(rig.export.connectionCount == 100)
+        }
+    }
+
     @Test("an identical memory table while rings run is just acked; I/O goes on", .timeLimit(.minutes(1)),
           arguments: backendsUnderTest)
     func memTableAgain(_ fdmon: AioContext.Backend) async throws {
