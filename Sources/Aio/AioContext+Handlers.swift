@@ -12,30 +12,30 @@ extension AioContext {
     /// Registers (or replaces, or with all callbacks nil removes) the handler for `fd`.
     /// Thread-safe: on the home thread it takes effect at once; from another thread at the
     /// start of the home thread's next iteration (the loop is notified).
-    public func setFdHandler(_ fd: Int32, _ callbacks: FdHandlerCallbacks) {
-        let handler = callbacks.isEmpty ? nil : FdHandler(fd: fd, role: .fd, callbacks: callbacks, notifier: nil)
+    public func setFDHandler(_ fd: Int32, _ callbacks: FDHandlerCallbacks) {
+        let handler = callbacks.isEmpty ? nil : FDHandler(fd: fd, role: .fd, callbacks: callbacks, notifier: nil)
         change(fd, handler)
     }
 
-    /// Removes the handler for `fd`, if any. Thread-safe (see ``setFdHandler(_:_:)``). Once
+    /// Removes the handler for `fd`, if any. Thread-safe (see ``setFDHandler(_:_:)``). Once
     /// applied, no callback for this registration runs again, even for events already
     /// completed in the kernel.
-    public func removeFdHandler(_ fd: Int32) { change(fd, nil) }
+    public func removeFDHandler(_ fd: Int32) { change(fd, nil) }
 
     /// Registers an event notifier. `callbacks.read` runs after the loop cleared the
     /// notifier, once per batch of ``EventNotifier/set()`` calls. The context keeps the
-    /// notifier alive while it is registered. Thread-safe (see ``setFdHandler(_:_:)``).
-    public func setEventNotifier(_ notifier: EventNotifier, _ callbacks: FdHandlerCallbacks) {
+    /// notifier alive while it is registered. Thread-safe (see ``setFDHandler(_:_:)``).
+    public func setEventNotifier(_ notifier: EventNotifier, _ callbacks: FDHandlerCallbacks) {
         let fd = notifier.fileDescriptor
         let handler = callbacks.isEmpty
-            ? nil : FdHandler(fd: fd, role: .eventNotifier, callbacks: callbacks, notifier: notifier)
+            ? nil : FDHandler(fd: fd, role: .eventNotifier, callbacks: callbacks, notifier: notifier)
         change(fd, handler)
     }
 
-    /// Removes an event notifier's handler. Thread-safe (see ``removeFdHandler(_:)``).
+    /// Removes an event notifier's handler. Thread-safe (see ``removeFDHandler(_:)``).
     public func removeEventNotifier(_ notifier: EventNotifier) { change(notifier.fileDescriptor, nil) }
 
-    func change(_ fd: Int32, _ handler: FdHandler?) {
+    func change(_ fd: Int32, _ handler: FDHandler?) {
         precondition(fd != notifier.fileDescriptor || handler?.role == .contextNotifier,
                      "BUG DETECTED: the context's own notifier fd cannot be re-registered")
         if isOnHomeThread {
@@ -51,7 +51,7 @@ extension AioContext {
 
     func applyPendingChanges() {
         guard hasPendingChanges.load(ordering: .acquiring) else { return }
-        let changes = pendingChanges.withLock { q -> [(Int32, FdHandler?)] in
+        let changes = pendingChanges.withLock { q -> [(Int32, FDHandler?)] in
             hasPendingChanges.store(false, ordering: .relaxed)
             let c = q
             q.removeAll()
@@ -60,12 +60,12 @@ extension AioContext {
         for (fd, handler) in changes { apply(fd, handler) }
     }
 
-    func apply(_ fd: Int32, _ handler: FdHandler?) {
+    func apply(_ fd: Int32, _ handler: FDHandler?) {
         if let old = handlersByFd.removeValue(forKey: fd) { retire(old) }
         if let handler { install(handler) }
     }
 
-    func install(_ h: FdHandler) {
+    func install(_ h: FDHandler) {
         let slot: Int
         if let free = freeHandlerSlots.popLast() {
             slot = free
@@ -81,7 +81,7 @@ extension AioContext {
         monitor.register(h)
     }
 
-    func retire(_ h: FdHandler) {
+    func retire(_ h: FDHandler) {
         h.deleted = true
         retiredHandlers.append(h)
         handlerSlots[UserData.slot(h.userData)] = nil
@@ -94,13 +94,13 @@ extension AioContext {
 
     /// The live handler a backend event belongs to, or nil for a stale one.
     @inline(__always)
-    func handler(for userData: UInt64) -> FdHandler? {
+    func handler(for userData: UInt64) -> FDHandler? {
         let slot = UserData.slot(userData)
         guard slot < handlerSlots.count, let h = handlerSlots[slot], h.userData == userData else { return nil }
         return h
     }
 
-    func markReady(_ h: FdHandler, revents: UInt32) {
+    func markReady(_ h: FDHandler, revents: UInt32) {
         h.revents |= revents
         if !h.onReadyList {
             h.onReadyList = true
@@ -108,7 +108,7 @@ extension AioContext {
         }
     }
 
-    func markPollReady(_ h: FdHandler) {
+    func markPollReady(_ h: FDHandler) {
         h.pollReadyFlag = true
         if !h.onReadyList {
             h.onReadyList = true
@@ -116,7 +116,7 @@ extension AioContext {
         }
     }
 
-    func removeFromPollList(_ h: FdHandler) {
+    func removeFromPollList(_ h: FDHandler) {
         h.inPollList = false
         if let i = pollHandlers.firstIndex(where: { $0 === h }) { pollHandlers.remove(at: i) }
     }

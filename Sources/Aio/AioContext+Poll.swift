@@ -198,7 +198,7 @@ extension AioContext {
     }
 
     @inline(__always)
-    func pollOnce(_ h: FdHandler) -> Bool {
+    func pollOnce(_ h: FDHandler) -> Bool {
         h.role == .contextNotifier ? wake.pointee.notified.load(ordering: .relaxed) : (h.callbacks.poll?() ?? false)
     }
 
@@ -256,7 +256,7 @@ extension AioContext {
     }
 
     /// QEMU `aio_dispatch_handler`.
-    func dispatch(_ h: FdHandler) -> Bool {
+    func dispatch(_ h: FDHandler) -> Bool {
         let revents = h.revents
         let pollReady = h.pollReadyFlag
         h.revents = 0

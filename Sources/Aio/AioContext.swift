@@ -50,20 +50,20 @@ public final class AioContext: @unchecked Sendable {
     /// be retained and released around every call, several times per iteration).
     let monitor: FDMonitor
     let notifier: EventNotifier
-    @exclusivity(unchecked) var notifierHandler: FdHandler!
-    @exclusivity(unchecked) var handlersByFd: [Int32: FdHandler] = [:]
-    @exclusivity(unchecked) var handlerSlots: ContiguousArray<FdHandler?> = []
+    @exclusivity(unchecked) var notifierHandler: FDHandler!
+    @exclusivity(unchecked) var handlersByFd: [Int32: FDHandler] = [:]
+    @exclusivity(unchecked) var handlerSlots: ContiguousArray<FDHandler?> = []
     @exclusivity(unchecked) var freeHandlerSlots: [Int] = []
     @exclusivity(unchecked) var generation: UInt32 = 0
     // Home thread only, never accessed in overlap: the dynamic checks would cost a TLS lookup
     // per access on the dispatch path.
-    @exclusivity(unchecked) var readyHandlers: ContiguousArray<FdHandler> = []
+    @exclusivity(unchecked) var readyHandlers: ContiguousArray<FDHandler> = []
     @exclusivity(unchecked) var readyHead = 0
-    @exclusivity(unchecked) var pollHandlers: ContiguousArray<FdHandler> = []
+    @exclusivity(unchecked) var pollHandlers: ContiguousArray<FDHandler> = []
     /// Handlers removed since the last top-level iteration began, kept alive until the
     /// next one: the busy-poll loop calls handlers through unretained references (no
     /// reference counting per spin), and a poll callback may remove handlers, its own too.
-    @exclusivity(unchecked) var retiredHandlers: ContiguousArray<FdHandler> = []
+    @exclusivity(unchecked) var retiredHandlers: ContiguousArray<FDHandler> = []
     @exclusivity(unchecked) var pollStarted = false
     /// Handlers without a poll callback (QEMU `poll_disable_cnt`).
     @exclusivity(unchecked) var pollDisableCount = 0
@@ -87,7 +87,7 @@ public final class AioContext: @unchecked Sendable {
     /// Each clock's earliest armed deadline, `.max` when none (see `publishEarliest`).
     let earliestMonotonic = Atomic<Int64>(.max)
     let earliestRealtime = Atomic<Int64>(.max)
-    let pendingChanges = Locked<[(Int32, FdHandler?)]>([])
+    let pendingChanges = Locked<[(Int32, FDHandler?)]>([])
     let hasPendingChanges = Atomic<Bool>(false)
     let liveBottomHalves = Locked<[ObjectIdentifier: String]>([:])
     let pollMaxNs = Atomic<Int64>(0)
@@ -188,9 +188,9 @@ public final class AioContext: @unchecked Sendable {
         // The context's own notifier: its read clears the eventfd, its poll reads `notified`;
         // neither counts as progress. Unlike QEMU it is in the poll list from the start, so a
         // BH scheduled during a poll window is seen at once, with no system call.
-        let n = FdHandler(
+        let n = FDHandler(
             fd: notifier.fileDescriptor, role: .contextNotifier,
-            callbacks: FdHandlerCallbacks(poll: { false }, pollReady: {}), notifier: notifier)
+            callbacks: FDHandlerCallbacks(poll: { false }, pollReady: {}), notifier: notifier)
         notifierHandler = n
         install(n)
         n.inPollList = true

@@ -13,9 +13,9 @@ protocol FDMonitor: AnyObject {
     /// the monitor in a `let`, so the monitor exists before the context does).
     func bind(to context: AioContext)
     /// Starts watching `handler.fd` for `handler.events`; results carry `handler.userData`.
-    func register(_ handler: FdHandler)
+    func register(_ handler: FDHandler)
     /// Stops watching. Events already in flight for it are dropped by their generation.
-    func unregister(_ handler: FdHandler)
+    func unregister(_ handler: FDHandler)
     /// Waits up to `timeout` ns (-1: for ever; 0: just collect) and hands what is ready to
     /// the context (`markReady`, `requestCompleted`).
     func wait(timeout: Int64)

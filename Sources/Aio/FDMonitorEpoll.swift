@@ -28,7 +28,7 @@ final class EpollMonitor: FDMonitor {
     /// what io_uring does (a POLL_ADD on a regular file completes at once, and the one-shot
     /// re-arm repeats it every iteration) and what QEMU's ppoll fallback does.
     /// `@exclusivity(unchecked)`: home thread only, and never in overlapping accesses.
-    @exclusivity(unchecked) var alwaysReady: ContiguousArray<FdHandler> = []
+    @exclusivity(unchecked) var alwaysReady: ContiguousArray<FDHandler> = []
 
     func bind(to context: AioContext) { self.context = context }
 
@@ -61,7 +61,7 @@ final class EpollMonitor: FDMonitor {
         pool?.setLimits(min: p.poolMin, max: p.poolMax)
     }
 
-    func register(_ h: FdHandler) {
+    func register(_ h: FDHandler) {
         guard h.events != 0 else { return }
         var ev = epoll_event()
         ev.events = h.events & (0x001 | 0x004)  // EPOLLIN | EPOLLOUT; ERR and HUP are implied
@@ -77,7 +77,7 @@ final class EpollMonitor: FDMonitor {
         }
     }
 
-    func unregister(_ h: FdHandler) {
+    func unregister(_ h: FDHandler) {
         if !alwaysReady.isEmpty, let i = alwaysReady.firstIndex(where: { $0 === h }) {
             alwaysReady.remove(at: i)
             return
@@ -142,7 +142,7 @@ final class EpollMonitor: FDMonitor {
                 // adaptive polling off for the context's life (QEMU's thread pool completes
                 // through a BH, which leaves polling alone). `unowned(unsafe) ctx`: the handler
                 // is the context's and dies with it, so the context outlives every call.
-                ctx.setEventNotifier(p.notifier, FdHandlerCallbacks(
+                ctx.setEventNotifier(p.notifier, FDHandlerCallbacks(
                     read: { [p, unowned(unsafe) ctx] in
                         for (userData, result) in p.takeResults() { ctx.requestCompleted(userData: userData, result: result) }
                     },

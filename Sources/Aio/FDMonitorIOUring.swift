@@ -25,7 +25,7 @@ final class IOUringMonitor: FDMonitor {
     @exclusivity(unchecked) var multishotSupported = true
     /// Handlers whose POLL_ADD could not be queued (SQ full) or must be re-armed after a
     /// reap (the ring may not be used while reaping).
-    @exclusivity(unchecked) var toArm: ContiguousArray<FdHandler> = []
+    @exclusivity(unchecked) var toArm: ContiguousArray<FDHandler> = []
     /// Requests the SQ could not take (full, and the kernel would not drain it just then:
     /// EAGAIN/EBUSY). They keep their order and go to the ring first on the next iteration,
     /// so a refusal delays a request but never loses or fails it.
@@ -62,13 +62,13 @@ final class IOUringMonitor: FDMonitor {
         ring.submit()
     }
 
-    func register(_ h: FdHandler) {
+    func register(_ h: FDHandler) {
         guard h.events != 0 else { return }
         h.multishot = h.role != .fd && multishotSupported
         arm(h)
     }
 
-    func arm(_ h: FdHandler) {
+    func arm(_ h: FDHandler) {
         guard !h.deleted else { return }
         if ring.preparePollAdd(fd: h.fd, events: h.events, multishot: h.multishot, userData: h.userData) {
             h.armed = true
@@ -84,7 +84,7 @@ final class IOUringMonitor: FDMonitor {
         for h in pending where !h.deleted && !h.armed { arm(h) }
     }
 
-    func unregister(_ h: FdHandler) {
+    func unregister(_ h: FDHandler) {
         guard h.armed else { return }
         h.armed = false
         // The removal's own CQE and the poll's -ECANCELED carry ignorable user_data or a

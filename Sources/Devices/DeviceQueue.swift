@@ -181,7 +181,7 @@ public final class DeviceQueue: @unchecked Sendable {
         // before the queue can go (a device is destroyed only detached), and a removed
         // handler is never called again; checked `unowned` would cost an atomic
         // retain/release on every poll spin.
-        ctx.setEventNotifier(kick, FdHandlerCallbacks(
+        ctx.setEventNotifier(kick, FDHandlerCallbacks(
             read: { [unowned(unsafe) self] in
                 statistics._kicks.add(1, ordering: .relaxed)
                 process()

@@ -37,7 +37,7 @@ public final class QMPServer: @unchecked Sendable {
         let fd = dp_unix_listen(path, 64)
         guard fd >= 0 else { throw AioError.syscall("listen on \(path)", errno: -fd) }
         listenFD = fd
-        monitor.context.setFdHandler(fd, FdHandlerCallbacks(read: { [unowned(unsafe) self] in acceptAll() }))
+        monitor.context.setFDHandler(fd, FDHandlerCallbacks(read: { [unowned(unsafe) self] in acceptAll() }))
     }
 
     deinit {
@@ -48,7 +48,7 @@ public final class QMPServer: @unchecked Sendable {
     public func stop() {
         guard !stopped else { return }
         stopped = true
-        monitor.context.removeFdHandler(listenFD)
+        monitor.context.removeFDHandler(listenFD)
         close(listenFD)
         for fd in Array(clients.keys) { disconnect(fd) }
         unlink(path)
@@ -83,9 +83,9 @@ public final class QMPServer: @unchecked Sendable {
         let read: (@Sendable () -> Void)? = client.reading ? { @Sendable [unowned(unsafe) self] in readable(fd) } : nil
         let write: (@Sendable () -> Void)? = client.writing ? { @Sendable [unowned(unsafe) self] in writable(fd) } : nil
         if read == nil && write == nil {
-            monitor.context.removeFdHandler(fd)
+            monitor.context.removeFDHandler(fd)
         } else {
-            monitor.context.setFdHandler(fd, FdHandlerCallbacks(read: read, write: write))
+            monitor.context.setFDHandler(fd, FDHandlerCallbacks(read: read, write: write))
         }
     }
 
@@ -142,7 +142,7 @@ public final class QMPServer: @unchecked Sendable {
 
     func disconnect(_ fd: Int32) {
         guard let client = clients.removeValue(forKey: fd) else { return }
-        monitor.context.removeFdHandler(fd)
+        monitor.context.removeFDHandler(fd)
         monitor.close(client.session)
         close(fd)
     }

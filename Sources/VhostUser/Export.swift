@@ -172,7 +172,7 @@ public final class Export: @unchecked Sendable {
     func listen() {
         // unowned(unsafe): the handler is removed (shutdownOnHomeThread, a move) before delete()
         // returns, and an export lives until then (deinit checks it).
-        ctx.setFdHandler(listenFD, FdHandlerCallbacks(read: { [unowned(unsafe) self] in acceptAll() }))
+        ctx.setFDHandler(listenFD, FDHandlerCallbacks(read: { [unowned(unsafe) self] in acceptAll() }))
     }
 
     deinit {
@@ -250,7 +250,7 @@ public final class Export: @unchecked Sendable {
     /// The session is ending: accept nobody until it has drained (a reconnecting front end
     /// waits in the backlog instead of being refused).
     func sessionEnding() {
-        if listenFD >= 0 { ctx.removeFdHandler(listenFD) }
+        if listenFD >= 0 { ctx.removeFDHandler(listenFD) }
     }
 
     /// The session drained and let go of guest memory: listen again (or go on with a delete
@@ -321,7 +321,7 @@ public final class Export: @unchecked Sendable {
             afterSession.append { [self] in moveOnHomeThread(home: home, queueContexts: queueContexts, done) }
             return
         }
-        if listenFD >= 0 { ctx.removeFdHandler(listenFD) }
+        if listenFD >= 0 { ctx.removeFDHandler(listenFD) }
         guard let s = session else {
             ctx = home
             self.queueContexts = queueContexts
@@ -371,7 +371,7 @@ public final class Export: @unchecked Sendable {
 
     func shutdownOnHomeThread(_ done: @escaping () -> Void) {
         if listenFD >= 0 {
-            ctx.removeFdHandler(listenFD)
+            ctx.removeFDHandler(listenFD)
             close(listenFD)
             listenFD = -1
             unlink(socketPath)

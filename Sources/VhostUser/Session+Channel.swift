@@ -12,7 +12,7 @@ extension Session {
     func watch() {
         var write: (@Sendable () -> Void)? = nil
         if writing { write = { [self] in flush() } }
-        ctx.setFdHandler(fd, FdHandlerCallbacks(read: { [self] in readable() }, write: write))
+        ctx.setFDHandler(fd, FDHandlerCallbacks(read: { [self] in readable() }, write: write))
     }
 
     // MARK: - Reading messages

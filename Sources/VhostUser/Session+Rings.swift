@@ -137,7 +137,7 @@ extension Session {
 
     func pause() {
         pauses += 1
-        if pauses == 1 && !closed { ctx.removeFdHandler(fd) }
+        if pauses == 1 && !closed { ctx.removeFDHandler(fd) }
     }
 
     func resume() {
@@ -190,7 +190,7 @@ extension Session {
         export.recordError(reason)
         closed = true
         export.sessionEnding()
-        ctx.removeFdHandler(fd)
+        ctx.removeFDHandler(fd)
         close(fd)
         tx = []
         let all = vrings

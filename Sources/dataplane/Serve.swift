@@ -137,7 +137,7 @@ struct Serve: ParsableCommand {
         monitor.onQuit = finish
         let signals = try EventNotifier()
         dp_stop_signals_to_eventfd(signals.fileDescriptor)
-        ctx.setEventNotifier(signals, FdHandlerCallbacks(read: {
+        ctx.setEventNotifier(signals, FDHandlerCallbacks(read: {
             signals.testAndClear()
             guard !state.stopping else { return }
             state.stopping = true

@@ -91,9 +91,9 @@ struct AdaptivePollingLoopTests {
         let idle = try EventNotifier()
         let begins = Local(0)
         let ends = Local(0)
-        ctx.setEventNotifier(fired, FdHandlerCallbacks(
+        ctx.setEventNotifier(fired, FDHandlerCallbacks(
             read: {}, poll: { false }, pollReady: {}, pollBegin: { begins.value += 1 }, pollEnd: { ends.value += 1 }))
-        ctx.setEventNotifier(idle, FdHandlerCallbacks(read: {}, poll: { false }, pollReady: {}))
+        ctx.setEventNotifier(idle, FDHandlerCallbacks(read: {}, poll: { false }, pollReady: {}))
         while ctx.poll(blocking: false) {}
         let f = ctx.handlersByFd[fired.fileDescriptor]!
         let i = ctx.handlersByFd[idle.fileDescriptor]!
@@ -128,7 +128,7 @@ struct AdaptivePollingLoopTests {
         let pending = Local(0)
         let readyRuns = Local(0)
         let reads = Local(0)
-        ctx.setEventNotifier(n, FdHandlerCallbacks(
+        ctx.setEventNotifier(n, FDHandlerCallbacks(
             read: { reads.value += 1; pending.value = 0 },
             poll: { pending.value > 0 },
             pollReady: { readyRuns.value += 1; pending.value = 0 }))

@@ -12,7 +12,7 @@ struct BackendParityTests {
         let ctx = try makeContext(backend)
         let file = try TemporaryFile(bytes: [1, 2, 3])
         let reads = Local(0)
-        ctx.setFdHandler(file.fd, FdHandlerCallbacks(read: { reads.value += 1 }))
+        ctx.setFDHandler(file.fd, FDHandlerCallbacks(read: { reads.value += 1 }))
         // Bounds a blocking poll that would wait for a file that never becomes "readable".
         let timer = ctx.makeTimer {}
         timer.arm(after: 1_000_000_000)
@@ -22,7 +22,7 @@ struct BackendParityTests {
             #expect(ctx.poll(blocking: true))
             try #require(reads.value == base + i, "poll \(i)")
         }
-        ctx.removeFdHandler(file.fd)
+        ctx.removeFDHandler(file.fd)
         timer.cancel()
     }
 
@@ -31,7 +31,7 @@ struct BackendParityTests {
         let ctx = try makeContext(backend)
         let fd = Int32.max - 1  // above any descriptor limit
         let calls = Local(0)
-        ctx.setFdHandler(fd, FdHandlerCallbacks(read: { calls.value += 1 }))
+        ctx.setFDHandler(fd, FDHandlerCallbacks(read: { calls.value += 1 }))
         for _ in 0..<3 { ctx.poll(blocking: false) }  // registered and refused
         let enters = ctx.monitor.ringEnters
         for _ in 0..<20 { #expect(!ctx.poll(blocking: false)) }
@@ -39,6 +39,6 @@ struct BackendParityTests {
         let entersAfter = ctx.monitor.ringEnters
         #expect(entersAfter == enters, "no re-arm per iteration")
         #expect(calls.value == 0)
-        ctx.removeFdHandler(fd)
+        ctx.removeFDHandler(fd)
     }
 }

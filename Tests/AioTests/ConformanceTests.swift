@@ -145,7 +145,7 @@ struct ConformanceTests {
         let ctx = try makeContext(backend)
         let e = try EventNotifier()
         let n = Local(0)
-        ctx.setEventNotifier(e, FdHandlerCallbacks(read: { n.value += 1 }))
+        ctx.setEventNotifier(e, FDHandlerCallbacks(read: { n.value += 1 }))
         #expect(!ctx.poll(blocking: false))
         #expect(n.value == 0)
         ctx.removeEventNotifier(e)
@@ -159,7 +159,7 @@ struct ConformanceTests {
         let ctx = try makeContext(backend)
         let e = try EventNotifier()
         let n = Local(0)
-        ctx.setEventNotifier(e, FdHandlerCallbacks(read: { n.value += 1 }))
+        ctx.setEventNotifier(e, FDHandlerCallbacks(read: { n.value += 1 }))
         #expect(!ctx.poll(blocking: false))
         e.set()
         #expect(ctx.poll(blocking: false))
@@ -182,7 +182,7 @@ struct ConformanceTests {
         let e2 = try EventNotifier()
         let n = Local(0)
         let n2 = Local(0)
-        ctx.setEventNotifier(e, FdHandlerCallbacks(read: { n.value += 1 }))
+        ctx.setEventNotifier(e, FDHandlerCallbacks(read: { n.value += 1 }))
         #expect(!ctx.poll(blocking: false))
         e.set()
         #expect(ctx.poll(blocking: true))
@@ -193,7 +193,7 @@ struct ConformanceTests {
         #expect(!ctx.poll(blocking: false))
         #expect(n.value == 2)
 
-        ctx.setEventNotifier(e2, FdHandlerCallbacks(read: { n2.value += 1 }))
+        ctx.setEventNotifier(e2, FDHandlerCallbacks(read: { n2.value += 1 }))
         #expect(!ctx.poll(blocking: false))
         e2.set()
         #expect(ctx.poll(blocking: true))
@@ -212,7 +212,7 @@ struct ConformanceTests {
         let e = try EventNotifier()
         let remaining = Local(10)
         let calls = Local(0)
-        ctx.setEventNotifier(e, FdHandlerCallbacks(read: {
+        ctx.setEventNotifier(e, FDHandlerCallbacks(read: {
             calls.value += 1
             remaining.value -= 1
             if remaining.value > 0 { e.set() }
@@ -282,7 +282,7 @@ struct ConformanceTests {
         let readyCalls = Local(0)
         let nestedResults = Local<[Bool]>([])
         let neverReady = Local(0)
-        ctx.setEventNotifier(pollNotifier, FdHandlerCallbacks(
+        ctx.setEventNotifier(pollNotifier, FDHandlerCallbacks(
             read: {},
             poll: { true },
             pollReady: {
@@ -294,7 +294,7 @@ struct ConformanceTests {
                 nestedResults.value.append(ctx.poll(blocking: true))
                 nested.value = false
             }))
-        ctx.setEventNotifier(dummy, FdHandlerCallbacks(
+        ctx.setEventNotifier(dummy, FDHandlerCallbacks(
             read: {}, poll: { false }, pollReady: { neverReady.value += 1 }))
         // QEMU's first non-blocking poll returns false here because, with every handler
         // pollable, it skips the fd check altogether (the starvation of §10.3). Ours always

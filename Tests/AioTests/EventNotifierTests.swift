@@ -12,7 +12,7 @@ struct EventNotifierTests {
         let ctx = try makeContext(backend)
         let e = try EventNotifier()
         let readyRuns = Local(0)
-        ctx.setEventNotifier(e, FdHandlerCallbacks(poll: { false }, pollReady: { readyRuns.value += 1 }))
+        ctx.setEventNotifier(e, FDHandlerCallbacks(poll: { false }, pollReady: { readyRuns.value += 1 }))
         #expect(!ctx.poll(blocking: false))
         e.set()
         #expect(ctx.poll(blocking: true), "the kick is work")

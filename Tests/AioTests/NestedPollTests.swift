@@ -109,7 +109,7 @@ struct NestedPollTests {
         let reads = Local(0), otherReads = Local(0), bhRuns = Local(0), depthInRead = Local(0)
         let nested = Local<Bool?>(nil)
         let bh = ctx.makeBottomHalf { bhRuns.value += 1 }
-        ctx.setFdHandler(p.read, FdHandlerCallbacks(read: {
+        ctx.setFDHandler(p.read, FDHandlerCallbacks(read: {
             reads.value += 1
             depthInRead.value = max(depthInRead.value, ctx.depth)
             var byte: UInt8 = 0
@@ -117,7 +117,7 @@ struct NestedPollTests {
             bh.schedule()
             nested.value = ctx.poll(blocking: false)
         }))
-        ctx.setEventNotifier(other, FdHandlerCallbacks(read: { otherReads.value += 1 }))
+        ctx.setEventNotifier(other, FDHandlerCallbacks(read: { otherReads.value += 1 }))
         while ctx.poll(blocking: false) {}
         var byte: UInt8 = 1
         #expect(write(p.write, &byte, 1) == 1)
@@ -128,7 +128,7 @@ struct NestedPollTests {
         #expect(bhRuns.value == 1)
         #expect(reads.value == 1 && depthInRead.value == 1, "the read handler ran once, at the top level")
         #expect(otherReads.value == 1, "the other ready handler ran once, at whichever level")
-        ctx.removeFdHandler(p.read)
+        ctx.removeFDHandler(p.read)
         ctx.removeEventNotifier(other)
         bh.delete()
     }

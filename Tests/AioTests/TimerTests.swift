@@ -72,7 +72,7 @@ struct TimerTests {
                 let ctx = try! AioContext(backend: backend)
                 let e = try! EventNotifier()
                 let reads = Local(0)
-                ctx.setEventNotifier(e, FdHandlerCallbacks(read: { reads.value += 1 }))
+                ctx.setEventNotifier(e, FDHandlerCallbacks(read: { reads.value += 1 }))
                 let t = ctx.makeTimer {}
                 t.arm(at: Int64.max - 1)
                 while ctx.poll(blocking: false) {}

@@ -23,7 +23,7 @@ struct WorkerPoolTests {
         // fd event is found by polling and runs through poll-ready.
         let n = try EventNotifier()
         let pending = Local(0), reads = Local(0), readyRuns = Local(0)
-        ctx.setEventNotifier(n, FdHandlerCallbacks(
+        ctx.setEventNotifier(n, FDHandlerCallbacks(
             read: { reads.value += 1 },
             poll: { pending.value > 0 },
             pollReady: { readyRuns.value += 1; pending.value = 0 }))

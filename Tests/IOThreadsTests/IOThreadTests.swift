@@ -233,7 +233,7 @@ struct WakeupCountingTests {
         let inWindow = Atomic<Bool>(false)  // between poll-begin and poll-end (loop thread only)
         let kick = try EventNotifier()
         let kicks = Atomic<Int>(0)
-        t.context.setEventNotifier(kick, FdHandlerCallbacks(
+        t.context.setEventNotifier(kick, FDHandlerCallbacks(
             read: { kicks.add(1, ordering: .relaxed) },
             poll: {
                 let round = requested.load(ordering: .acquiring)

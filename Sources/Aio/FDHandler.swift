@@ -10,7 +10,7 @@
 /// - `pollBegin` / `pollEnd` bracket busy polling (a virtqueue suppresses guest kicks in
 ///   between). A `pollBegin` is not always followed by `pollEnd`: not when the handler is
 ///   removed while polling (as in QEMU).
-public struct FdHandlerCallbacks: Sendable {
+public struct FDHandlerCallbacks: Sendable {
     public var read: (@Sendable () -> Void)?
     public var write: (@Sendable () -> Void)?
     public var poll: (@Sendable () -> Bool)?
@@ -61,12 +61,12 @@ enum UserData {
 ///
 /// `@unchecked Sendable` (and `@exclusivity(unchecked)` on its vars): created by the registering thread, handed to the home thread
 /// through the context's `pendingChanges` mutex, and touched only by the home thread after.
-final class FdHandler: @unchecked Sendable {
+final class FDHandler: @unchecked Sendable {
     enum Role { case fd, eventNotifier, contextNotifier }
 
     let fd: Int32
     let role: Role
-    let callbacks: FdHandlerCallbacks
+    let callbacks: FDHandlerCallbacks
     /// Keeps an event notifier (and its fd) alive while registered.
     let notifier: EventNotifier?
     /// poll(2) events to watch.
@@ -87,7 +87,7 @@ final class FdHandler: @unchecked Sendable {
     @exclusivity(unchecked) var armed = false
     @exclusivity(unchecked) var multishot = false
 
-    init(fd: Int32, role: Role, callbacks: FdHandlerCallbacks, notifier: EventNotifier?) {
+    init(fd: Int32, role: Role, callbacks: FDHandlerCallbacks, notifier: EventNotifier?) {
         self.fd = fd
         self.role = role
         self.callbacks = callbacks

@@ -14,7 +14,7 @@ func makePipe() -> (read: Int32, write: Int32) {
 }
 
 @Suite("fd handlers")
-struct FdHandlerTests {
+struct FDHandlerTests {
     @Test("a plain fd handler is level-triggered: called again while data stays unread",
           arguments: backends)
     func levelTriggered(_ backend: AioContext.Backend) throws {
@@ -22,7 +22,7 @@ struct FdHandlerTests {
         let p = makePipe()
         defer { close(p.read); close(p.write) }
         let calls = Local(0)
-        ctx.setFdHandler(p.read, FdHandlerCallbacks(read: { calls.value += 1 }))
+        ctx.setFDHandler(p.read, FDHandlerCallbacks(read: { calls.value += 1 }))
         #expect(!ctx.poll(blocking: false))
         var byte: UInt8 = 1
         #expect(write(p.write, &byte, 1) == 1)
@@ -35,7 +35,7 @@ struct FdHandlerTests {
         let settled = calls.value
         #expect(!ctx.poll(blocking: false))
         #expect(calls.value == settled)
-        ctx.removeFdHandler(p.read)
+        ctx.removeFDHandler(p.read)
     }
 
     @Test("a write handler fires while the fd is writable", arguments: backends)
@@ -44,9 +44,9 @@ struct FdHandlerTests {
         let p = makePipe()
         defer { close(p.read); close(p.write) }
         let calls = Local(0)
-        ctx.setFdHandler(p.write, FdHandlerCallbacks(write: {
+        ctx.setFDHandler(p.write, FDHandlerCallbacks(write: {
             calls.value += 1
-            ctx.removeFdHandler(p.write)  // a callback may remove its own handler
+            ctx.removeFDHandler(p.write)  // a callback may remove its own handler
         }))
         #expect(ctx.poll(blocking: true))
         #expect(calls.value == 1)
@@ -64,7 +64,7 @@ struct FdHandlerTests {
         weak let weakNotifier = notifier
         let polls = Local(0)
         let box = Local<EventNotifier?>(notifier)
-        ctx.setEventNotifier(notifier!, FdHandlerCallbacks(
+        ctx.setEventNotifier(notifier!, FDHandlerCallbacks(
             read: {},
             poll: {
                 polls.value += 1
@@ -79,7 +79,7 @@ struct FdHandlerTests {
             pollReady: {}))
         notifier = nil
         ctx.poll(blocking: false)  // registered
-        weak var weakHandler: FdHandler?
+        weak var weakHandler: FDHandler?
         do {
             let h = try #require(ctx.handlersByFd[fd])
             // Into the poll list with a window, as a handler that fired would be.
@@ -106,7 +106,7 @@ struct FdHandlerTests {
         for _ in 0..<50 {
             let first = try EventNotifier()
             let fd = first.fileDescriptor
-            ctx.setEventNotifier(first, FdHandlerCallbacks(read: { oldCalls.value += 1 }))
+            ctx.setEventNotifier(first, FDHandlerCallbacks(read: { oldCalls.value += 1 }))
             ctx.poll(blocking: false)  // arms the poll in the kernel
             first.set()  // the kernel completes the poll: an event is in flight
             ctx.removeEventNotifier(first)
@@ -116,7 +116,7 @@ struct FdHandlerTests {
                 ctx.poll(blocking: false)
                 second = try EventNotifier()
             }
-            ctx.setEventNotifier(second!, FdHandlerCallbacks(read: { newCalls.value += 1 }))
+            ctx.setEventNotifier(second!, FDHandlerCallbacks(read: { newCalls.value += 1 }))
             while ctx.poll(blocking: false) {}
             #expect(oldCalls.value == 0, "the removed handler never runs")
             #expect(newCalls.value == 0, "the new handler sees no event of the old registration")
@@ -136,7 +136,7 @@ struct FdHandlerTests {
         let calls = Atomic<Int>(0)
         let onHome = Atomic<Bool>(true)
         let ctx = loop.context!
-        ctx.setEventNotifier(e, FdHandlerCallbacks(read: {
+        ctx.setEventNotifier(e, FDHandlerCallbacks(read: {
             if !ctx.isOnHomeThread { onHome.store(false, ordering: .relaxed) }
             calls.add(1, ordering: .relaxed)
         }))
@@ -175,7 +175,7 @@ struct LifecycleTests {
                     for _ in 0..<1000 {
                         let ctx = try! AioContext(backend: backend)
                         let e = try! EventNotifier()
-                        ctx.setEventNotifier(e, FdHandlerCallbacks(read: {}))
+                        ctx.setEventNotifier(e, FDHandlerCallbacks(read: {}))
                         let done = Local(false)
                         // A read starts the epoll backend's worker pool (and its notifier).
                         ctx.submit(.read(fd: e.fileDescriptor, buffer: buffer, offset: 0)) { _ in done.value = true }
