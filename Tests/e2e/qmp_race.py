@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 
-from checklist import Checklist, warm_up
+from checklist import Checklist, wait_until, warm_up
 from qemu.qmp import ExecuteError, QMPClient
 from qmp_abuse import descriptors, resources
 
@@ -193,11 +193,12 @@ async def vanisher(path, rng, model, pause, stop, tag):
         await asyncio.sleep(rng.random() * 0.05)
 
 
-async def observer(path, model, stop):
+async def observer(path, model, stop, listening):
     qmp = QMPClient("observer")
     await qmp.connect(path)
     try:
         with qmp.listener("DEVICE_DELETED") as listener:
+            listening.set()
             while not stop.is_set():
                 try:
                     ev = await asyncio.wait_for(listener.get(), 0.2)
@@ -339,8 +340,9 @@ async def main(binary, seconds, seed):
         for round_ in (1, 2):
             stop, pause = asyncio.Event(), asyncio.Event()
             paused = [False] * CLIENTS
-            obs = asyncio.create_task(observer(path, model, stop))
-            await asyncio.sleep(0.1)  # the observer listens before anything is deleted
+            listening = asyncio.Event()
+            obs = asyncio.create_task(observer(path, model, stop, listening))
+            await asyncio.wait_for(listening.wait(), 10)  # it listens before anything is deleted
             tasks = [asyncio.create_task(racer(path, i, random.Random(rng.random()), model, pause, paused, stop, tmp, round_))
                      for i in range(CLIENTS)]
             tasks += [asyncio.create_task(vanisher(path, random.Random(rng.random()), model, pause, stop, f"r{round_}x{k}"))
@@ -351,7 +353,11 @@ async def main(binary, seconds, seed):
                 pause.set()
                 while not all(paused) and not any(t.done() for t in tasks):
                     await asyncio.sleep(0.01)
-                await asyncio.sleep(0.2)  # the vanishers' last commands land
+                # The vanishers' last commands land: their bytes are in their sockets, but the
+                # monitor reads each socket in its own time and there is no event to wait for.
+                # Their devices are probed, not predicted, so a late one can only be one the
+                # probe saw or did not; the holders check compares against the probe.
+                await asyncio.sleep(0.2)
                 point += 1
                 await quiet_point(path, model, f"quiet point {point}", proc)
                 pause.clear()
@@ -369,7 +375,9 @@ async def main(binary, seconds, seed):
                     model.device_deleted[d] = 1
                     model.events[d] = max(model.events[d], 1)
             model.export_deleted |= model.export_added
-            await asyncio.sleep(0.5)
+            # The server lets go of the clients that left (and their threads) in its own time:
+            # wait, bounded, until it is back to the baseline, then check.
+            await wait_until(lambda: all(a <= b for a, b in zip(resources(proc.pid)[:2], before[:2])))
             now = resources(proc.pid)
             rounds.append(now)
             fds_now = descriptors(proc.pid)
