@@ -56,30 +56,7 @@ struct FaultInjectionTests {
             let highest = openFileDescriptorCount() + 16
             limit.rlim_cur = rlim_t(highest)
             setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
-            var fillers: [Int32] = []
-            func fill() {
-                while true {
-                    let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
-                    if fd < 0 { break }
-                    fillers.append(fd)
-                }
-            }
-            // The context-kind descriptors ("fd -> target"), listed with one filler closed
-            // (listing /proc takes a descriptor). Other threads of this child (the exit-test
-            // harness) open and close descriptors of their own meanwhile: a listing that could
-            // not be made (they took the spare) is made again, never read as "no descriptors"
-            // — an empty "before" made any existing eventfd look leaked.
-            func descriptorsWithOneSpare() -> Set<String> {
-                for _ in 0..<100 {
-                    fill()
-                    guard let spare = fillers.popLast() else { break }
-                    close(spare)
-                    let listed = listContextDescriptors()
-                    fill()
-                    if let listed { return listed }
-                }
-                exit(10)
-            }
+            let fillers = DescriptorFillers()
             // No descriptor at all, then exactly one: the eventfd fits, the ring and the epoll
             // instance do not. A creation that succeeded because the harness freed a slot is
             // retried after filling it (a context that always succeeds still fails the test).
@@ -87,12 +64,9 @@ struct FaultInjectionTests {
                 var attempts = 0
                 while true {
                     attempts += 1
-                    let before = descriptorsWithOneSpare()
+                    let before = fillers.contextDescriptorsWithOneSpare(orExit: 10)
                     var freed: Int32 = -1
-                    if spare == 1 {
-                        freed = fillers.removeLast()
-                        close(freed)
-                    }
+                    if spare == 1 { freed = fillers.freeOne() ?? -1 }
                     do {
                         _ = try AioContext()
                         if attempts == 5 { exit(5) }
@@ -106,7 +80,7 @@ struct FaultInjectionTests {
                     // free again (or held by the harness, as no kind of descriptor a context
                     // makes), and no context-kind descriptor appeared anywhere else.
                     if freed >= 0 && isContextDescriptor(freed) { exit(8) }
-                    if !descriptorsWithOneSpare().isSubset(of: before) { exit(7) }
+                    if !fillers.contextDescriptorsWithOneSpare(orExit: 10).isSubset(of: before) { exit(7) }
                     break
                 }
             }

@@ -55,6 +55,12 @@ final class NumberingGuest: @unchecked Sendable {
         }
     }
 
+    /// What happened to the requests: how many were submitted, lost and completed twice.
+    var outcome: (submitted: Int, lost: Int, twice: Int) {
+        let counts = completedCount[0..<Int(submitted)]
+        return (Int(submitted), counts.filter { $0 == 0 }.count, counts.filter { $0 > 1 }.count)
+    }
+
     /// Stops submitting and waits until every submitted request completed (the device must
     /// be attached for that).
     func finish() {
@@ -84,10 +90,9 @@ struct AttachDetachTests {
         }
         guest.finish()
         try await dev.detach()
-        let submitted = Int(guest.submitted)
-        let counts = guest.completedCount[0..<submitted]
+        let (submitted, lost, twice) = guest.outcome
         #expect(submitted > 0)
-        #expect(counts.allSatisfy { $0 == 1 }, "lost: \(counts.filter { $0 == 0 }.count), twice: \(counts.filter { $0 > 1 }.count)")
+        #expect(lost == 0 && twice == 0, "lost: \(lost), twice: \(twice)")
         #expect(guest.guest.unexpectedCompletions == 0)
         #expect(consistent, "after every move exactly the target IOThread holds the device")
         #expect(a.holders.isEmpty && b.holders.isEmpty)

@@ -108,9 +108,8 @@ struct ControlPlaneTests {
         // The guest's requests: re-attach if a racer left d0 detached, then drain.
         if devices[0].phase == .detached { try await devices[0].attach(to: all[0]) }
         guest.finish()
-        let submitted = Int(guest.submitted)
-        let done = guest.completedCount[0..<submitted]
-        #expect(done.allSatisfy { $0 == 1 }, "seed \(seed): lost \(done.filter { $0 == 0 }.count), twice \(done.filter { $0 > 1 }.count)")
+        let (submitted, lost, twice) = guest.outcome
+        #expect(lost == 0 && twice == 0, "seed \(seed): lost \(lost), twice \(twice)")
         for d in devices where d.phase == .attached { try await d.detach() }
         for t in all {
             #expect(t.holders.isEmpty)
@@ -162,10 +161,9 @@ struct MoveHandOffTests {
         }
         guest.finish()
         try await dev.detach()
-        let submitted = Int(guest.submitted)
-        let counts = guest.completedCount[0..<submitted]
+        let (submitted, lost, twice) = guest.outcome
         #expect(submitted > 0)
-        #expect(counts.allSatisfy { $0 == 1 }, "lost: \(counts.filter { $0 == 0 }.count), twice: \(counts.filter { $0 > 1 }.count)")
+        #expect(lost == 0 && twice == 0, "lost: \(lost), twice: \(twice)")
         #expect(guest.guest.unexpectedCompletions == 0)
         #expect(a.holders.isEmpty && b.holders.isEmpty)
         try a.stop()

@@ -16,35 +16,13 @@ struct ResourceLimitTests {
             getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
             limit.rlim_cur = rlim_t(procEntries("/proc/self/fd").count + 16)
             setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
-            var fillers: [Int32] = []
-            func fill() {
-                while true {
-                    let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
-                    if fd < 0 { break }
-                    fillers.append(fd)
-                }
-            }
-            // Context-kind descriptors ("fd -> target": a leak shows even in a number a filler
-            // had before), listed with one filler closed (listing /proc takes a descriptor).
-            // Other threads of this child (the exit-test harness) may take that spare first: a
-            // listing that could not be made is made again, never read as "none".
-            func descriptorsWithOneSpare() -> Set<String> {
-                for _ in 0..<100 {
-                    fill()
-                    guard let spare = fillers.popLast() else { break }
-                    close(spare)
-                    let listed = listContextDescriptors()
-                    fill()
-                    if let listed { return listed }
-                }
-                exit(11)
-            }
+            let fillers = DescriptorFillers()
             let registry = IOThreadRegistry()
             // The harness in this child may close a descriptor of its own meanwhile, and a
             // creation may then succeed: refill and retry, so only an IOThread that never fails
             // fails the test.
             for attempt in 1...5 {
-                let fds = descriptorsWithOneSpare()
+                let fds = fillers.contextDescriptorsWithOneSpare(orExit: 11)
                 do {
                     _ = try registry.create(id: "starved")
                     if attempt == 5 { exit(5) }
@@ -57,10 +35,9 @@ struct ResourceLimitTests {
                 } catch {
                     exit(13)
                 }
-                if !descriptorsWithOneSpare().isSubset(of: fds) { exit(7) }
+                if !fillers.contextDescriptorsWithOneSpare(orExit: 11).isSubset(of: fds) { exit(7) }
                 if registry.lookup("starved") != nil || !registry.all.isEmpty { exit(8) }  // nothing half-registered
-                for fd in fillers { close(fd) }
-                fillers.removeAll()
+                fillers.closeAll()
                 if threadsNamed("IO starved") != 0 { exit(9) }
                 // With descriptors back, the same id is free in the registry and works.
                 guard let t = try? registry.create(id: "starved") else { exit(10) }
