@@ -1,6 +1,10 @@
 """What the end-to-end scripts share: pass/fail bookkeeping (one line per check), the warm-up
 before a resource baseline, and waiting for what a server does on its own time."""
 import asyncio
+import queue
+import subprocess
+import sys
+import threading
 import os
 import time
 
@@ -64,3 +68,33 @@ async def warm_up(path, pid):
     await q.disconnect()
     if not await wait_until(lambda: sockets(pid) <= idle):
         raise RuntimeError(f"the server kept the warm-up client's connection ({sockets(pid)} sockets, {idle} before it)")
+
+
+def start_server(args, timeout=30):
+    """Starts `dataplane serve ...` and returns once it printed its ready line (every socket it
+    serves listens then). The rest of its standard error goes on to ours."""
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    lines = queue.Queue()
+
+    def pump():
+        for line in proc.stderr:
+            lines.put(line)
+        lines.put(None)
+    threading.Thread(target=pump, daemon=True).start()
+    while True:
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            proc.kill()
+            raise RuntimeError(f"no ready line from {args[:2]} within {timeout} s")
+        if line is None:
+            raise RuntimeError(f"{args[:2]} exited with {proc.wait()} before it was ready")
+        sys.stderr.write(line)
+        if line.startswith("dataplane: ready"):
+            break
+
+    def forward():
+        while (line := lines.get()) is not None:
+            sys.stderr.write(line)
+    threading.Thread(target=forward, daemon=True).start()
+    return proc

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from checklist import Checklist, wait_until, warm_up
+from checklist import Checklist, start_server, wait_until, warm_up
 from qemu.qmp import QMPClient
 
 check = Checklist()
@@ -117,12 +117,8 @@ async def hotplugger(path, seconds, stats):
 async def main(binary, seconds):
     tmp = tempfile.mkdtemp(prefix="dataplane-abuse-")
     path = os.path.join(tmp, "qmp.sock")
-    proc = subprocess.Popen([binary, "serve", "--qmp", path])
+    proc = start_server([binary, "serve", "--qmp", path])
     try:
-        for _ in range(200):
-            if os.path.exists(path):
-                break
-            time.sleep(0.05)
         await warm_up(path, proc.pid)
         before = resources(proc.pid)
         fds_before = descriptors(proc.pid)

@@ -10,12 +10,11 @@ import os
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import tempfile
 import time
 
-from checklist import Checklist
+from checklist import Checklist, start_server
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -49,12 +48,8 @@ def raw_exchange(path, payloads, read_until_lines):
 async def main(binary):
     tmp = tempfile.mkdtemp(prefix="dataplane-e2e-")
     path = os.path.join(tmp, "qmp.sock")
-    proc = subprocess.Popen([binary, "serve", "--qmp", path])
+    proc = start_server([binary, "serve", "--qmp", path])
     try:
-        for _ in range(200):
-            if os.path.exists(path):
-                break
-            time.sleep(0.05)
         check("socket exists", os.path.exists(path))
         check("socket mode is 0600", stat.S_IMODE(os.stat(path).st_mode) == 0o600, oct(os.stat(path).st_mode))
 
@@ -161,12 +156,8 @@ async def main(binary):
             proc.wait()
 
     # SIGTERM (as Ctrl-C's SIGINT) stops a server cleanly too, with a device attached.
-    proc = subprocess.Popen([binary, "serve", "--qmp", path, "--iothread", "iot1"])
+    proc = start_server([binary, "serve", "--qmp", path, "--iothread", "iot1"])
     try:
-        for _ in range(200):
-            if os.path.exists(path):
-                break
-            time.sleep(0.05)
         qmp = QMPClient("e2e-term")
         await qmp.connect(path)
         await qmp.execute("device_add", {"driver": "virtio-blk", "id": "disk1", "iothread": "iot1", "backend": "delay:1ms"})
@@ -186,16 +177,12 @@ async def main(binary):
             proc.wait()
     # qemu-storage-daemon's CLI with QEMU 9.0+'s iothread list: a 2-queue export on 2 IOThreads.
     sock = path + ".vhost"
-    proc = subprocess.Popen([binary, "serve", "--qmp", path,
+    proc = start_server([binary, "serve", "--qmp", path,
                              "--object", "iothread,id=iot0", "--object", "iothread,id=iot1",
                              "--blockdev", "driver=null-co,node-name=null0",
                              "--export", "type=vhost-user-blk,id=exp0,node-name=null0,addr.type=unix,"
                                          f"addr.path={sock},num-queues=2,iothread.0=iot0,iothread.1=iot1"])
     try:
-        for _ in range(200):
-            if os.path.exists(path) and os.path.exists(sock):
-                break
-            time.sleep(0.05)
         qmp = QMPClient("e2e-iothread-list")
         await qmp.connect(path)
         threads = await qmp.execute("query-iothreads")
@@ -220,14 +207,10 @@ async def main(binary):
     # draining requests in a delay backend, a device_del): each client gets its answer or a
     # clean close, nothing hangs, the server exits 0 and removes its sockets.
     sock = os.path.join(tmp, "exp.sock")
-    proc = subprocess.Popen([binary, "serve", "--qmp", path, "--object", "iothread,id=iot0",
+    proc = start_server([binary, "serve", "--qmp", path, "--object", "iothread,id=iot0",
                              "--blockdev", "driver=null-co,node-name=null0",
                              "--export", f"type=vhost-user-blk,id=exp0,node-name=null0,addr.type=unix,addr.path={sock},iothread=iot0"])
     try:
-        for _ in range(200):
-            if os.path.exists(path) and os.path.exists(sock):
-                break
-            time.sleep(0.05)
         clients = []
         for cmds in ([{"execute": "device_add", "arguments": {"driver": "virtio-blk", "id": "d0", "iothread": "iot0"}},
                       {"execute": "device_del", "arguments": {"id": "d0"}}],

@@ -29,14 +29,12 @@ import json
 import logging
 import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 
-from checklist import Checklist, wait_until, warm_up
+from checklist import Checklist, start_server, wait_until, warm_up
 from qemu.qmp import ExecuteError, QMPClient
 from qmp_abuse import descriptors, resources
 
@@ -321,13 +319,9 @@ async def main(binary, seconds, seed):
     args = [binary, "serve", "--qmp", path]
     for n in NODES:
         args += ["--blockdev", f"driver=null-co,node-name={n}"]
-    proc = subprocess.Popen(args)
+    proc = start_server(args)
     rc = None
     try:
-        for _ in range(200):
-            if os.path.exists(path):
-                break
-            time.sleep(0.05)
         await warm_up(path, proc.pid)
         before = resources(proc.pid)
         fds_before = descriptors(proc.pid)
