@@ -55,11 +55,7 @@ struct EngineParameterTests {
             // QEMU: 10 s. Relaxed: stored before any worker exists (thread creation orders it).
             WorkerPool.idleTimeoutNanoseconds.store(20_000_000, ordering: .relaxed)
             let ctx = try! AioContext(backend: .epoll)
-            var path = Array("/tmp/dp-pool-XXXXXX".utf8CString)
-            let fd = mkstemp(&path)
-            if fd < 0 { exit(2) }
-            unlink(path)
-            _ = ftruncate(fd, 4096)
+            guard let fd = anonymousFile(size: 4096) else { exit(2) }
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
             func reads(_ n: Int) -> Bool {
                 let results = Local<[Int32]>([])

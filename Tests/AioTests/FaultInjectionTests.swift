@@ -30,10 +30,7 @@ struct FaultInjectionTests {
             let ctx = try! AioContext()
             if ctx.backendKind != .epoll || ctx.fallbackReason == nil { exit(5) }
             // Completion I/O through the worker pool: a read of a real file.
-            var path = Array("/tmp/dp-eperm-XXXXXX".utf8CString)
-            let fd = mkstemp(&path)
-            if fd < 0 { exit(6) }
-            unlink(path)
+            guard let fd = anonymousFile(size: 0) else { exit(6) }
             let pattern = [UInt8](repeating: 0x5a, count: 4096)
             if pwrite(fd, pattern, pattern.count, 0) != pattern.count { exit(7) }
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)

@@ -56,11 +56,7 @@ struct PropertyEffectTests {
         await #expect(processExitsWith: .success) {
             // The worker pool runs completion I/O on the epoll backend.
             let t = try! IOThread(id: "pool", backend: .epoll)
-            var path = Array("/tmp/dp-pool-XXXXXX".utf8CString)
-            let fd = mkstemp(&path)
-            if fd < 0 { exit(2) }
-            unlink(path)
-            _ = ftruncate(fd, 4096)
+            guard let fd = anonymousFile(size: 4096) else { exit(2) }
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
             let address = UInt(bitPattern: buffer.baseAddress)
             func read(_ n: Int) -> [Int32] {

@@ -102,6 +102,21 @@ public func listContextDescriptors() -> Set<String>? {
     })
 }
 
+/// A file of `size` bytes that no path names (created in /tmp and unlinked at once), or nil
+/// when it cannot be made. Close the descriptor to free it.
+public func anonymousFile(size: Int) -> Int32? {
+    var path = Array("/tmp/dp-test-XXXXXX".utf8CString)
+    let fd = mkstemp(&path)
+    guard fd >= 0 else { return nil }
+    unlink(path)
+    _ = fcntl(fd, F_SETFD, FD_CLOEXEC)  // exit-test children must not inherit it
+    guard ftruncate(fd, off_t(size)) == 0 else {
+        close(fd)
+        return nil
+    }
+    return fd
+}
+
 /// Descriptors held open on /dev/null, to run a process out of them (exhaustion tests).
 public final class DescriptorFillers {
     public private(set) var fds: [Int32] = []
