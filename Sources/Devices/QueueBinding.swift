@@ -69,9 +69,6 @@ public final class QueueBinding: @unchecked Sendable {
         self.queue = queue
     }
 
-    /// Whether a relocation is in flight (it has not reported yet).
-    public var isRelocating: Bool { transit.withLock { $0.inFlight > 0 } }
-
     /// Stops the queue where it runs, if it runs, then continues it on `next` (nil: it stays
     /// stopped), and reports the last avail index and the pause through `done`, on
     /// `home`'s thread (a one-shot BH there) or, without `home`, on the thread where the

@@ -48,8 +48,6 @@ public final class VirtioBlkDevice: @unchecked Sendable {
         var phase: Phase = .detached
         /// The IOThread of each queue (empty when detached).
         var mapping: [IOThread] = []
-        /// Every IOThread the placement names, also those that serve no queue.
-        var placement: [IOThread] = []
     }
     let lifecycle = Locked(Lifecycle())
 
@@ -158,7 +156,6 @@ public final class VirtioBlkDevice: @unchecked Sendable {
         lifecycle.withLock {
             $0.phase = .detached
             $0.mapping = []
-            $0.placement = []
         }
     }
 
@@ -201,7 +198,6 @@ public final class VirtioBlkDevice: @unchecked Sendable {
         lifecycle.withLock {
             $0.phase = .attached
             $0.mapping = mapping
-            $0.placement = placement
         }
         return moved.map(\.pauseNanoseconds).max() ?? 0
     }

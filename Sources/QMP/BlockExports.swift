@@ -25,9 +25,10 @@ final class BlockNode {
     let name: String
     let kind: Kind
     let readOnly: Bool
-    /// The IOThread x-blockdev-set-iothread placed the node on (nil: the main loop).
-    var placement: IOThread?
+    /// Holds the IOThread x-blockdev-set-iothread placed the node on, if any.
     let holds: IOThreadHoldSet
+    /// The IOThread the node is placed on (nil: the main loop).
+    var placement: IOThread? { holds.threads.first }
     init(name: String, kind: Kind, readOnly: Bool) {
         self.name = name
         self.kind = kind
@@ -133,10 +134,7 @@ extension Monitor {
 
     /// Releases the holds of every node placed on an IOThread (shutdown).
     func releaseNodeHolds() {
-        for node in nodes.values {
-            node.holds.release()
-            node.placement = nil
-        }
+        for node in nodes.values { node.holds.release() }
     }
 
     // MARK: block-export-add / block-export-del / query-block-exports
@@ -306,7 +304,6 @@ extension Monitor {
             try await moveExport(id, entry, to: target)
         }
         node.holds.release(keeping: target.map { [$0] } ?? [])
-        node.placement = target
     }
 
     /// Moves the export's queues and control socket to `target` (nil: a thread of its own).

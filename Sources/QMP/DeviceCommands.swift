@@ -137,15 +137,21 @@ extension Monitor {
         return (id, entry)
     }
 
-    /// Answers at once; the drain runs on, and DEVICE_DELETED follows once every request the
-    /// device took has completed and its IOThreads are released (QEMU's order).
-    func deviceDel(_ idOrPath: String) throws(QMPError) {
-        let (id, entry) = try device(named: idOrPath)
+    /// Refuses a command on a device that is not attached, with QEMU's text for one that is
+    /// being unplugged.
+    func requireAttached(_ id: String, _ entry: DeviceEntry) throws(QMPError) {
         switch entry.state {
         case .unplugging: throw QMPError("Device \(id) is already in the process of unplug")
         case .attaching, .moving: throw QMPError("Device \(id) is busy")  // not reachable: commands run one at a time
         case .attached: break
         }
+    }
+
+    /// Answers at once; the drain runs on, and DEVICE_DELETED follows once every request the
+    /// device took has completed and its IOThreads are released (QEMU's order).
+    func deviceDel(_ idOrPath: String) throws(QMPError) {
+        let (id, entry) = try device(named: idOrPath)
+        try requireAttached(id, entry)
         entry.state = .unplugging
         unplugs[id] = spawn { [self] in
             do throws(DeviceError) {
@@ -163,11 +169,7 @@ extension Monitor {
     /// Moves every queue of the device to the IOThread `name`, live.
     func moveDevice(_ id: String, _ entry: DeviceEntry, to name: String) async throws(QMPError) {
         let t = try iothreadLink(name)
-        switch entry.state {
-        case .unplugging: throw QMPError("Device \(id) is already in the process of unplug")
-        case .attaching, .moving: throw QMPError("Device \(id) is busy")  // not reachable: commands run one at a time
-        case .attached: break
-        }
+        try requireAttached(id, entry)
         entry.state = .moving
         defer { entry.state = .attached }
         do throws(DeviceError) {
